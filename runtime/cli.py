@@ -1,0 +1,172 @@
+"""Command line: ``python -m runtime <command>``.
+
+Each subcommand's flags live in one ``_add_<command>`` function and its work in
+the module named after the idea (``runtime.memory:cli_plan`` and so on), which
+is imported only when that command runs.  Flags follow llama.cpp's spelling.
+Errors reach the user as one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+
+class CLIError(Exception):
+    """An error meant for the user: printed as one line, exit status 1."""
+
+
+def _handler(target: str):
+    """Defer importing the module that does the work (keeps --help fast)."""
+
+    def run(args):
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p, 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="penalty window, -1 = context (default 64)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (default 0)")
+    g.add_argument("--seed", type=int, default=-1, help="RNG seed, -1 = random (default -1)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (default: smollm2-135m-instruct)")
+    else:
+        p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: model's, capped at 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a GGUF model")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_handler("runtime.info:cli_info"))
+
+
+def _add_pull(sub) -> None:
+    p = sub.add_parser("pull", help="download a registry model or a GGUF URL into models/")
+    p.add_argument("name", help="registry name (see `pull --list`) or http(s) URL")
+    p.add_argument("--list", action="store_true", help="list registry models")
+    p.set_defaults(func=_handler("runtime.registry:cli_pull"))
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_flags(p)
+    p.add_argument("-p", "--prompt", required=True, help="prompt text")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate, -1 = until EOS (default 128)")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_handler("runtime.generate:cli_generate"))
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model (default SmolLM2-135M-Instruct)")
+    _add_model_flags(p, model_optional=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=-1, help="max tokens per reply, -1 = until EOS")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_handler("runtime.chat:cli_chat"))
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama-perplexity method)")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("file", help="text file")
+    p.add_argument("--ctx", "-c", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=-1, help="max chunks, -1 = all")
+    p.add_argument("--kl-base", default=None, help="base model to compare against (KL divergence, top-1)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("runtime.perplexity:cli_perplexity"))
+
+
+def _add_attention(sub) -> None:
+    p = sub.add_parser("attention", help="inspect per-layer, per-head attention")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("-p", "--prompt", required=True, help="text to run")
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--head", type=int, default=None)
+    p.add_argument("--out", default=None, help="write page.html or heatmap.png")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.set_defaults(func=_handler("runtime.attention:cli_attention"))
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="plan GPU memory: will it fit, how many layers to offload")
+    p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (or use --arch)")
+    p.add_argument("--vram", default="4GiB", help="GPU memory (default 4GiB)")
+    p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: model's)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    p.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
+    p.add_argument("--arch", default=None, help="plan from architecture numbers instead of a file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("runtime.memory:cli_plan"))
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="prompt processing and generation speed (like llama-bench)")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--vs-llamacpp", action="store_true", help="also run llama.cpp and print the ratio")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("runtime.bench:cli_bench"))
+
+
+COMMANDS = [_add_info, _add_pull, _add_chat, _add_generate, _add_perplexity,
+            _add_attention, _add_plan, _add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime",
+        description="Local LLM inference for GGUF models (pure Python + numba).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "threads", None):
+        from .threads import set_threads
+
+        set_threads(args.threads)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `... | head`: the reader went away; not an error worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CLIError, ValueError, OSError, ImportError, RuntimeError) as e:
+        if os.environ.get("RUNTIME_DEBUG"):
+            raise
+        msg = str(e) or e.__class__.__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1

