@@ -59,7 +59,7 @@ def _add_info(sub) -> None:
 
 def _add_pull(sub) -> None:
     p = sub.add_parser("pull", help="download a registry model or a GGUF URL into models/")
-    p.add_argument("name", help="registry name (see `pull --list`) or http(s) URL")
+    p.add_argument("name", nargs="?", default=None, help="registry name (see `pull --list`) or http(s) URL")
     p.add_argument("--list", action="store_true", help="list registry models")
     p.set_defaults(func=_handler("runtime.registry:cli_pull"))
 
@@ -108,11 +108,16 @@ def _add_attention(sub) -> None:
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="plan GPU memory: will it fit, how many layers to offload")
     p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (or use --arch)")
-    p.add_argument("--vram", default="4GiB", help="GPU memory (default 4GiB)")
+    p.add_argument("--vram", default="4GiB", help="GPU memory: 4GiB, 4096MiB, 4g (binary), 4GB (10^9), bytes (default 4GiB)")
     p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: model's)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
-    p.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
-    p.add_argument("--arch", default=None, help="plan from architecture numbers instead of a file")
+    p.add_argument("--batch", type=int, default=512, help="physical batch (llama.cpp's ubatch) the compute buffer is sized for (default 512)")
+    p.add_argument("--flash-attn", default="on", choices=["on", "off"], help="flash attention, as llama.cpp's -fa (default on)")
+    p.add_argument("--overhead", default=None, help="fixed GPU overhead: CUDA context, cuBLAS, pool (default 384MiB)")
+    p.add_argument("--arch", default=None, help="plan from architecture numbers instead of a file: a preset "
+                   "(Qwen2.5-0.5B ... Llama-3.1-8B), 'all' (with --table), or layers=28,d=1536,heads=12,"
+                   "kv_heads=2,ffn=8960,vocab=151936,bpw=4.85[,head_dim=128][,tied=1]")
+    p.add_argument("--table", action="store_true", help="markdown table of --arch models at Q4_K_M, 4k and 32k context")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("runtime.memory:cli_plan"))
 

@@ -1,0 +1,312 @@
+"""``python -m runtime chat [MODEL]``: talk to a model.
+
+The conversation is rendered with the GGUF's own chat template every turn
+and tokenized whole; the tokens already in the KV cache that match the start
+of that rendering are kept (``session.rewind`` to the common prefix) and only
+the rest is evaluated, so turn N costs the new message, not the whole
+conversation.  When the conversation no longer fits, the oldest turns go
+(the system prompt stays) and the user is told.
+
+Interactive (a terminal): a ``> `` prompt with line editing, the reply
+streamed; Ctrl-C stops the reply and returns to the prompt; Ctrl-D or
+``/exit`` quits.  Piped stdin: one message per line, and only the replies on
+stdout (one per line), so it can be scripted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+
+from .cli import CLIError
+from .generate import Timings, load_model, stream_reply
+from .sampling import Sampler, SamplerParams
+
+__all__ = ["ChatSession", "cli_chat", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+HELP = """commands:
+  /help              this text
+  /exit              quit (or Ctrl-D)
+  /reset             forget the conversation (keeps the system prompt)
+  /system TEXT       set the system prompt (/system alone shows it)
+  /set KEY VALUE     sampling: temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                     presence_penalty, frequency_penalty, seed; and n_predict
+  /set               show the current settings
+  /stats             speed of the last reply and context use
+Ctrl-C stops a reply and returns to the prompt."""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """A conversation over one model and one KV cache.
+
+    ``n_evaluated`` counts every token fed to the model; ``last_prefill`` is
+    how many the last turn's prompt needed (tests check the cache reuse with
+    them)."""
+
+    def __init__(self, model, *, system: str | None = None, params: SamplerParams | None = None,
+                 n_predict: int = -1, notify=None):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.n_ctx = model.n_ctx
+        self.system = system
+        self.sampler = Sampler(params or SamplerParams())
+        self.n_predict = n_predict
+        self.notify = notify or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.template = model.gguf.get("tokenizer.chat_template")
+        tok = self.tokenizer
+        self.bos_text = tok.token_to_piece(tok.bos_id, True).decode("utf-8", "replace") if tok.bos_id is not None else ""
+        self.eos_text = tok.token_to_piece(tok.eos_id, True).decode("utf-8", "replace") if tok.eos_id is not None else ""
+        self.session = model.session()
+        self.messages: list[dict] = []     # user/assistant turns, system kept apart
+        self.cached: list[int] = []        # tokens in the KV cache, in order (len == n_past)
+        self.n_evaluated = 0
+        self.last_prefill = 0
+        self.timings = Timings()
+        self._stop = False
+
+    # ------------------------------------------------------------ prompt
+    def render_ids(self, messages: list[dict]) -> list[int]:
+        from .chat_template import render_chat
+
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        text = render_chat(self.template, full, add_generation_prompt=True,
+                           bos_token=self.bos_text, eos_token=self.eos_text)
+        tok = self.tokenizer
+        add_special = True
+        if tok.add_bos and self.bos_text and text.startswith(self.bos_text):
+            add_special = False  # the template wrote BOS itself: don't double it
+        return tok.tokenize(text, add_special=add_special, parse_special=True)
+
+    def _fit(self) -> list[int]:
+        """Render the conversation, dropping the oldest turns until it fits
+        with room for a reply."""
+        room = self.n_predict if self.n_predict > 0 else min(256, self.n_ctx // 4)
+        dropped = 0
+        while True:
+            ids = self.render_ids(self.messages)
+            if len(ids) + room <= self.n_ctx or len(self.messages) <= 1:
+                break
+            # drop the oldest exchange: a user message and the reply to it
+            n = 2 if len(self.messages) >= 3 and self.messages[1]["role"] == "assistant" else 1
+            del self.messages[:n]
+            dropped += 1
+        if dropped:
+            self.notify(f"[context full: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}"
+                        f"{' (kept the system prompt)' if self.system else ''}]")
+        if len(ids) >= self.n_ctx:
+            self.messages.pop()
+            raise CLIError(f"the message needs {len(ids)} tokens but the context holds {self.n_ctx} "
+                           f"(raise -c/--ctx-size or shorten the message/system prompt)")
+        return ids
+
+    def _prefill(self, ids: list[int]) -> None:
+        keep = _common_prefix(ids, self.cached)
+        keep = min(keep, len(ids) - 1)   # evaluate at least one token: we need its logits
+        if keep < len(self.cached):
+            self.session.rewind(len(self.cached) - keep)   # drops the last n positions
+            del self.cached[keep:]
+        new = ids[keep:]
+        t0 = time.perf_counter()
+        self.session.eval(new)
+        self.cached.extend(new)
+        self.timings = Timings(n_prompt=len(new), t_prompt=time.perf_counter() - t0)
+        self.last_prefill = len(new)
+        self.n_evaluated += len(new)
+
+    # ------------------------------------------------------------ a turn
+    def stop(self) -> None:
+        """Ask the current reply to end after its current token (signal-safe)."""
+        self._stop = True
+
+    def reply(self, text: str):
+        """Yield the reply to ``text`` piece by piece; the turn is recorded
+        (even when stopped early)."""
+        self._stop = False
+        self.messages.append({"role": "user", "content": text})
+        ids = self._fit()
+        try:
+            self._prefill(ids)
+        except BaseException:
+            # an interrupted prefill leaves the cache in an unknown state
+            self.session.reset()
+            self.cached.clear()
+            self.messages.pop()
+            raise
+        history = list(self.cached)
+        out: list[str] = []
+        before = len(self.cached)
+        try:
+            for piece in stream_reply(self.session, self.tokenizer, self.sampler,
+                                      n_predict=self.n_predict, n_ctx=self.n_ctx, history=history,
+                                      evaluated=self.cached, should_stop=lambda: self._stop,
+                                      timings=self.timings):
+                out.append(piece)
+                yield piece
+        finally:
+            self.n_evaluated += len(self.cached) - before
+            self.messages.append({"role": "assistant", "content": "".join(out)})
+        if self.timings.stop == "context":
+            self.notify("[context full: reply cut; the oldest turns will be dropped next]")
+
+    def say(self, text: str) -> str:
+        return "".join(self.reply(text))
+
+    # ------------------------------------------------------------ commands
+    def reset(self) -> None:
+        self.messages.clear()
+        self.session.reset()
+        self.cached.clear()
+
+    def set(self, key: str, value: str) -> str:
+        key = key.replace("-", "_")
+        if key == "n_predict":
+            self.n_predict = int(value)
+            return f"n_predict = {self.n_predict}"
+        params = self.sampler.params
+        names = {f.name: f.type for f in dataclasses.fields(params)}
+        if key not in names:
+            raise ValueError(f"unknown setting {key!r} (one of: {', '.join(names)}, n_predict)")
+        t = names[key]
+        kind = {"int": int, "float": float}[t if isinstance(t, str) else t.__name__]
+        try:
+            v = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+        except ValueError:
+            raise ValueError(f"{key} needs a number, got {value!r}") from None
+        new = dataclasses.replace(params, **{key: v})   # validates
+        self.sampler.params = new
+        if key == "seed":
+            self.sampler.reseed(v)
+        return f"{key} = {v}"
+
+    def settings(self) -> str:
+        d = self.sampler.params.as_dict()
+        d["n_predict"] = self.n_predict
+        return "  ".join(f"{k}={v}" for k, v in d.items())
+
+    def stats(self) -> str:
+        t = self.timings
+        return (f"last reply: prompt {t.n_prompt} tokens at {t.prompt_tps:.1f} tokens/s, "
+                f"generation {t.n_gen} tokens at {t.gen_tps:.1f} tokens/s\n"
+                f"context: {self.session.n_past}/{self.n_ctx} tokens used, "
+                f"{len(self.messages)} messages, {self.n_evaluated} tokens evaluated in all")
+
+    def command(self, line: str) -> str | None:
+        """Run a /command; returns text to show, or None for /exit."""
+        cmd, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if cmd in ("/exit", "/quit", "/bye"):
+            return None
+        if cmd == "/help":
+            return HELP
+        if cmd == "/reset":
+            self.reset()
+            return "[conversation reset]"
+        if cmd == "/system":
+            if not rest:
+                return f"system prompt: {self.system!r}"
+            self.system = rest
+            return "[system prompt set]"
+        if cmd == "/set":
+            if not rest:
+                return self.settings()
+            parts = rest.split()
+            if len(parts) != 2:
+                raise ValueError("usage: /set KEY VALUE (e.g. /set temp 0.7)")
+            return self.set(*parts)
+        if cmd == "/stats":
+            return self.stats()
+        raise ValueError(f"unknown command {cmd} (/help lists them)")
+
+
+# ---------------------------------------------------------------- the loop
+
+def _interactive(chat: ChatSession, name: str) -> int:
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    out = sys.stdout
+    print(f"chatting with {name} (context {chat.n_ctx} tokens). /help for commands, Ctrl-D to quit.",
+          file=out, flush=True)
+
+    def on_sigint(signum, frame):
+        chat.stop()
+
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=out)
+            return 0
+        except KeyboardInterrupt:
+            print("^C (Ctrl-D or /exit quits)", file=out, flush=True)
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            try:
+                msg = chat.command(line)
+            except ValueError as e:
+                msg = f"error: {e}"
+            if msg is None:
+                return 0
+            print(msg, file=out, flush=True)
+            continue
+        # During a reply Ctrl-C only raises a flag that the loop checks
+        # between tokens, so the KV cache never sees half a step.
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for piece in chat.reply(line):
+                out.write(piece)
+                out.flush()
+        except CLIError as e:
+            print(f"error: {e}", file=out, flush=True)
+            continue
+        finally:
+            signal.signal(signal.SIGINT, old)
+        if chat.timings.stop == "interrupted":
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+
+
+def _piped(chat: ChatSession) -> int:
+    out = sys.stdout
+    for raw in sys.stdin:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            msg = chat.command(line)   # errors end the script: exit 1 with the message
+            if msg is None:
+                return 0
+            print(msg, file=sys.stderr, flush=True)
+            continue
+        for piece in chat.reply(line):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def cli_chat(args) -> int:
+    name = args.model or DEFAULT_MODEL
+    params = SamplerParams.from_args(args)
+    model = load_model(name, n_ctx=args.ctx_size)
+    chat = ChatSession(model, system=args.system, params=params, n_predict=args.n_predict)
+    if sys.stdin.isatty():
+        return _interactive(chat, name)
+    return _piped(chat)

@@ -1,0 +1,144 @@
+"""``python -m runtime generate MODEL -p PROMPT``: stream a completion.
+
+The loop is llama.cpp's: evaluate the prompt in one batch, then sample a
+token, print its text (through the tokenizer's streaming decoder, so a
+character split over tokens is never printed half), evaluate it, repeat,
+until an end-of-generation token, ``-n`` tokens or a full context.  Timings
+go to stderr at the end, prompt and generation separately, as llama.cpp's
+``llama_perf_context_print`` does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from .cli import CLIError
+from .sampling import Sampler, SamplerParams
+
+__all__ = ["Timings", "stream_reply", "load_model", "cli_generate"]
+
+
+@dataclass
+class Timings:
+    n_prompt: int = 0
+    t_prompt: float = 0.0
+    n_gen: int = 0
+    t_gen: float = 0.0
+    stop: str = ""          # "eog", "limit", "context", "interrupted"
+
+    @staticmethod
+    def _rate(n, t):
+        return n / t if t > 0 else float("nan")
+
+    @property
+    def prompt_tps(self) -> float:
+        return self._rate(self.n_prompt, self.t_prompt)
+
+    @property
+    def gen_tps(self) -> float:
+        return self._rate(self.n_gen, self.t_gen)
+
+    def lines(self) -> list[str]:
+        def line(label, n, t):
+            ms = 1e3 * t / n if n else 0.0
+            return (f"{label:>17} = {1e3 * t:10.2f} ms / {n:5d} tokens "
+                    f"({ms:8.2f} ms per token, {self._rate(n, t):8.2f} tokens per second)")
+        return [line("prompt eval time", self.n_prompt, self.t_prompt),
+                line("eval time", self.n_gen, self.t_gen)]
+
+
+def stream_reply(session, tokenizer, sampler: Sampler, *, n_predict: int, n_ctx: int,
+                 history: list[int], evaluated: list[int] | None = None,
+                 should_stop=lambda: False, timings: Timings | None = None):
+    """Yield text pieces of a reply whose prompt is already in ``session``.
+
+    Each sampled token is appended to ``history`` (the penalty window); the
+    ones fed back into the KV cache to ``evaluated`` too (the last sampled
+    token is not evaluated: nothing needs its logits yet).  ``timings.stop``
+    says why it ended."""
+    timings = timings if timings is not None else Timings()
+    decoder = tokenizer.decoder()
+    t0 = time.perf_counter()
+    logits = session.logits()
+    n = 0
+    stop = "limit"
+    try:
+        while True:
+            if should_stop():
+                stop = "interrupted"
+                break
+            tok = sampler.sample(logits, history)
+            if tokenizer.is_eog(tok):
+                stop = "eog"
+                break
+            history.append(tok)
+            n += 1
+            piece = decoder.feed(tok)
+            if piece:
+                yield piece
+            if 0 <= n_predict <= n:
+                stop = "limit"
+                break
+            if session.n_past >= n_ctx:
+                stop = "context"
+                break
+            if should_stop():
+                stop = "interrupted"
+                break
+            session.eval([tok])
+            if evaluated is not None:
+                evaluated.append(tok)
+            logits = session.logits()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+    finally:
+        timings.n_gen = n
+        timings.t_gen = time.perf_counter() - t0
+        timings.stop = stop
+
+
+def load_model(name_or_path, n_ctx=None):
+    """Model.load with a one-line error for the user when the file is bad."""
+    from .model import Model
+    from .registry import resolve_model
+
+    path = resolve_model(name_or_path)
+    return Model.load(path, n_ctx=n_ctx)
+
+
+def cli_generate(args) -> int:
+    params = SamplerParams.from_args(args)
+    model = load_model(args.model, n_ctx=args.ctx_size)
+    tok = model.tokenizer
+    ids = tok.tokenize(args.prompt, add_special=True, parse_special=True)
+    if not ids:
+        raise CLIError("the prompt is empty (no tokens)")
+    if len(ids) >= model.n_ctx:
+        raise CLIError(f"the prompt has {len(ids)} tokens but the context holds {model.n_ctx} "
+                       f"(raise -c/--ctx-size, at most the model's training context)")
+    sampler = Sampler(params)
+    session = model.session()
+
+    out = sys.stdout
+    out.write(tok.detokenize(ids))  # echo the prompt, as llama.cpp does
+    out.flush()
+    timings = Timings(n_prompt=len(ids))
+    t0 = time.perf_counter()
+    session.eval(ids)
+    timings.t_prompt = time.perf_counter() - t0
+    history = list(ids)
+    for piece in stream_reply(session, tok, sampler, n_predict=args.n_predict, n_ctx=model.n_ctx,
+                              history=history, timings=timings):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if timings.stop == "context":
+        print(f"generate: stopped: the context ({model.n_ctx} tokens) is full", file=sys.stderr)
+    print(file=sys.stderr)
+    for line in timings.lines():
+        print(line, file=sys.stderr)
+    return 0

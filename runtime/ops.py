@@ -1,0 +1,229 @@
+"""Transformer math as numba kernels, named after the math (see dnn-math-reference.txt).
+
+Activations are float32 row-major [n_tokens, features]; reductions accumulate in
+float64 (as ggml does for norms and softmax sums).  The KV cache is either float32
+or IEEE half stored as uint16 bits (numba has no CPU float16); the ``_kv_load`` /
+``_kv_store`` overloads pick the conversion at compile time, so one attention
+kernel serves both cache types.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .quant import _bits_as_f32, _f16_bits_to_f32, _f32_as_bits
+
+__all__ = ["rms_norm", "rope", "attention", "swiglu", "softmax", "add", "rope_inv_freq",
+           "f32_to_f16_bits"]
+
+
+@njit(cache=True, inline="always")
+def f32_to_f16_bits(v):
+    """float32 -> IEEE half bits, round to nearest even (numpy's astype(float16))."""
+    x = _f32_as_bits(np.float32(v))
+    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
+    a = x & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf / nan
+        return np.uint16(sign | np.uint32(0x7C00) | (np.uint32(0x200) if a > np.uint32(0x7F800000) else np.uint32(0)))
+    if a >= np.uint32(0x477FF000):  # rounds past 65504
+        return np.uint16(sign | np.uint32(0x7C00))
+    if a < np.uint32(0x38800000):  # half subnormal: multiples of 2**-24, exact scaling
+        h = np.uint32(np.int64(np.rint(np.float64(_bits_as_f32(a)) * 16777216.0)))
+        return np.uint16(sign | h)
+    mant = a & np.uint32(0x7FFFFF)
+    h = ((((a >> np.uint32(23)) - np.uint32(112)) << np.uint32(10)) | (mant >> np.uint32(13)))
+    rem = mant & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (h & np.uint32(1))):
+        h += np.uint32(1)
+    return np.uint16(sign | h)
+
+
+def _kv_load(cache, t, g, j):
+    pass
+
+
+@overload(_kv_load)
+def _kv_load_impl(cache, t, g, j):
+    if cache.dtype == types.uint16:
+        return lambda cache, t, g, j: _f16_bits_to_f32(np.int32(cache[t, g, j]))
+    return lambda cache, t, g, j: np.float32(cache[t, g, j])
+
+
+def _kv_store(cache, t, g, j, v):
+    pass
+
+
+@overload(_kv_store)
+def _kv_store_impl(cache, t, g, j, v):
+    if cache.dtype == types.uint16:
+        def impl(cache, t, g, j, v):
+            cache[t, g, j] = f32_to_f16_bits(v)
+        return impl
+
+    def impl32(cache, t, g, j, v):
+        cache[t, g, j] = v
+    return impl32
+
+
+# rms_norm / swiglu are O(n*d), tiny next to the matmuls: serial, because every
+# parallel region costs a thread wake-up per layer per token in decode.
+@njit(cache=True)
+def rms_norm(x, w, eps, out):
+    """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w   (x, out: [n, d])."""
+    n, d = x.shape
+    for i in range(n):
+        ss = 0.0
+        for j in range(d):
+            ss += np.float64(x[i, j]) * x[i, j]
+        r = np.float32(1.0 / math.sqrt(ss / d + eps))
+        for j in range(d):
+            out[i, j] = (x[i, j] * r) * w[j]
+
+
+@njit(cache=True)
+def rms_norm_heads(x, n_heads, head_dim, w, eps):
+    """In place RMSNorm of every head slice x[i, h*hd:(h+1)*hd] with weights w[hd] (Qwen3 QK-norm)."""
+    n = x.shape[0]
+    for i in range(n):
+        for h in range(n_heads):
+            o = h * head_dim
+            ss = 0.0
+            for j in range(head_dim):
+                ss += np.float64(x[i, o + j]) * x[i, o + j]
+            r = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
+            for j in range(head_dim):
+                x[i, o + j] = (x[i, o + j] * r) * w[j]
+
+
+def rope_inv_freq(n_rot: int, base: float, freq_scale: float = 1.0) -> np.ndarray:
+    """theta_i = pos * freq_scale * base^(-2i/n_rot), i < n_rot/2 (linear scaling = freq_scale)."""
+    i = np.arange(n_rot // 2, dtype=np.float64)
+    return freq_scale * base ** (-2.0 * i / n_rot)
+
+
+@njit(cache=True)
+def rope(x, n_heads, head_dim, pos, inv_freq, neox):
+    """Rotate pairs of each head of x[n, n_heads*head_dim] in place by pos * inv_freq.
+
+    "normal" (llama) style pairs (2i, 2i+1); NEOX (qwen) style pairs (i, i + n_rot/2).
+    Dimensions past n_rot = 2*len(inv_freq) are left as they are.
+    """
+    n = x.shape[0]
+    half = inv_freq.shape[0]
+    for t in range(n):
+        p = np.float64(pos[t])
+        for i in range(half):
+            th = p * inv_freq[i]
+            c = np.float32(math.cos(th))
+            s = np.float32(math.sin(th))
+            for h in range(n_heads):
+                o = h * head_dim
+                if neox:
+                    ia = o + i
+                    ib = o + i + half
+                else:
+                    ia = o + 2 * i
+                    ib = ia + 1
+                a = x[t, ia]
+                b = x[t, ib]
+                x[t, ia] = a * c - b * s
+                x[t, ib] = a * s + b * c
+
+
+@njit(cache=True)
+def kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, head_dim_k, head_dim_v):
+    """Append rows k[n, kvh*hdk], v[n, kvh*hdv] at positions n_past.. of the layer's cache."""
+    for i in range(k.shape[0]):
+        t = n_past + i
+        for g in range(n_kv_heads):
+            for j in range(head_dim_k):
+                _kv_store(k_cache, t, g, j, k[i, g * head_dim_k + j])
+            for j in range(head_dim_v):
+                _kv_store(v_cache, t, g, j, v[i, g * head_dim_v + j])
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture):
+    """Causal GQA attention of n queries at positions n_past.. over the cache.
+
+    q: [n, n_heads*hdk]; caches [ctx, n_kv_heads, hd]; out: [n, n_heads*hdv].
+    Query head h reads KV head h // (n_heads / n_kv_heads).  When capture has
+    n_heads rows, capture[h, i, t] receives the softmax weights (else pass (0,0,0)).
+    """
+    n = q.shape[0]
+    hdk = k_cache.shape[2]
+    hdv = v_cache.shape[2]
+    group = n_heads // n_kv_heads
+    do_capture = capture.shape[0] > 0
+    for task in prange(n * n_heads):
+        i = task // n_heads
+        h = task % n_heads
+        g = h // group
+        L = n_past + i + 1
+        qo = h * hdk
+        sc = np.empty(L, np.float32)
+        mx = np.float32(-np.inf)
+        for t in range(L):
+            s = np.float32(0.0)
+            for j in range(hdk):
+                s += q[i, qo + j] * _kv_load(k_cache, t, g, j)
+            s *= scale
+            sc[t] = s
+            if s > mx:
+                mx = s
+        tot = 0.0
+        for t in range(L):
+            e = np.float32(math.exp(sc[t] - mx))
+            sc[t] = e
+            tot += e
+        inv = np.float32(1.0 / tot)
+        acc = np.zeros(hdv, np.float32)
+        for t in range(L):
+            p = sc[t] * inv
+            if do_capture:
+                capture[h, i, t] = p
+            for j in range(hdv):
+                acc[j] += p * _kv_load(v_cache, t, g, j)
+        oo = h * hdv
+        for j in range(hdv):
+            out[i, oo + j] = acc[j]
+
+
+@njit(cache=True)
+def swiglu(gate, up, out):
+    """out = silu(gate) * up, silu(g) = g / (1 + exp(-g))."""
+    n, d = gate.shape
+    for i in range(n):
+        for j in range(d):
+            g = gate[i, j]
+            out[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i, j]
+
+
+@njit(cache=True)
+def softmax(x):
+    """Numerically stable softmax of a 1-D float32 vector (max subtracted first)."""
+    m = x.max()
+    e = np.exp(x - m)
+    return (e / e.sum()).astype(np.float32)
+
+
+@njit(cache=True)
+def add(x, y):
+    """x += y (residual connection), x, y: [n, d]."""
+    n, d = x.shape
+    for i in range(n):
+        for j in range(d):
+            x[i, j] += y[i, j]
+
+
+@njit(cache=True)
+def add_bias(x, b):
+    """x[i] += b for every row (QKV biases)."""
+    n, d = x.shape
+    for i in range(n):
+        for j in range(d):
+            x[i, j] += b[j]

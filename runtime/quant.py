@@ -1,0 +1,1070 @@
+"""GGML block formats, decoded by numba kernels.
+
+Every weight matrix of a GGUF file is a sequence of rows; every row a sequence of
+fixed-size *blocks*, each holding ``block_size`` weights in ``type_size`` bytes
+(one or two float16 scales plus packed small integers).  This module decodes
+them in compiled code:
+
+* ``dequantize(raw, type_id, shape)`` - float32, bit for bit what
+  ``gguf.quants.dequantize`` gives: every kernel below performs the same float32
+  operations, in the same order, as gguf-py's numpy code (``d * q``, then ``+ m``;
+  ``(d * sc) * q - (dmin * m)`` for the k-quants ...), and numba emits no fused
+  multiply-adds unless asked (the decoders are compiled without fastmath).
+* ``matmul(type_id, W, X, out)`` - ``out = X @ dequant(W).T`` computed from the
+  blocks, never materialising the dequantized matrix.  An ``@njit(parallel=True)``
+  function (parallel over weight rows) with the format chosen at run time by
+  ``type_id``, so the engine's own njit code can call it.  For one activation
+  row (decode) it runs fused per-format row dots: each block's integers are
+  dotted with x in float32 and the block scale applied once.  For n > 1 rows
+  (batched prefill) each 256-weight chunk of a weight row is decoded once into
+  a thread-local buffer (by the same exact decoders) and dotted with all n rows.
+  Either way: float32 within a block / chunk, float64 across the row.
+* ``matvec`` / ``dot`` - the same kernel for one activation vector / one row.
+
+Layout per format is documented next to its decoder (byte offsets inside one
+block; all multi-byte fields little-endian; ``f16`` = IEEE half).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as llir
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "UnsupportedType", "type_name", "block_size", "type_size", "row_nbytes",
+    "is_supported", "dequantize", "dot", "matvec", "matmul",
+    "GGML_F32", "GGML_F16", "GGML_Q4_0", "GGML_Q4_1", "GGML_Q5_0", "GGML_Q5_1",
+    "GGML_Q8_0", "GGML_Q2_K", "GGML_Q3_K", "GGML_Q4_K", "GGML_Q5_K", "GGML_Q6_K",
+    "GGML_IQ4_NL", "GGML_IQ4_XS", "GGML_BF16",
+]
+
+# ggml's type ids (enum ggml_type); only the ones we decode get a constant.
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1 = 0, 1, 2, 3
+GGML_Q5_0, GGML_Q5_1, GGML_Q8_0 = 6, 7, 8
+GGML_Q2_K, GGML_Q3_K, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 10, 11, 12, 13, 14
+GGML_IQ4_NL, GGML_IQ4_XS, GGML_BF16 = 20, 23, 30
+
+QK_K = 256  # weights per k-quant super-block
+
+# type id -> (name, block_size, type_size) for every type we decode
+_SUPPORTED = {
+    GGML_F32: ("F32", 1, 4),
+    GGML_F16: ("F16", 1, 2),
+    GGML_BF16: ("BF16", 1, 2),
+    GGML_Q4_0: ("Q4_0", 32, 18),
+    GGML_Q4_1: ("Q4_1", 32, 20),
+    GGML_Q5_0: ("Q5_0", 32, 22),
+    GGML_Q5_1: ("Q5_1", 32, 24),
+    GGML_Q8_0: ("Q8_0", 32, 34),
+    GGML_Q2_K: ("Q2_K", QK_K, 84),
+    GGML_Q3_K: ("Q3_K", QK_K, 110),
+    GGML_Q4_K: ("Q4_K", QK_K, 144),
+    GGML_Q5_K: ("Q5_K", QK_K, 176),
+    GGML_Q6_K: ("Q6_K", QK_K, 210),
+    GGML_IQ4_NL: ("IQ4_NL", 32, 18),
+    GGML_IQ4_XS: ("IQ4_XS", QK_K, 136),
+}
+
+# Names of the types we do not decode, so that errors can say what a file holds.
+_OTHER_NAMES = {
+    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+    18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 24: "I8", 25: "I16",
+    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
+    39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
+}
+
+_CHUNK = 256  # weights decoded at a time per row (one k-quant super-block, 8 legacy blocks)
+
+
+class UnsupportedType(ValueError):
+    """A ggml tensor type this runtime cannot decode."""
+
+
+def type_name(type_id: int) -> str:
+    t = int(type_id)
+    if t in _SUPPORTED:
+        return _SUPPORTED[t][0]
+    return _OTHER_NAMES.get(t, f"type {t}")
+
+
+def is_supported(type_id: int) -> bool:
+    return int(type_id) in _SUPPORTED
+
+
+def _traits(type_id: int) -> tuple[str, int, int]:
+    t = int(type_id)
+    if t not in _SUPPORTED:
+        desc = _OTHER_NAMES.get(t)
+        desc = f"{desc} (ggml type {t})" if desc else f"unknown ggml type {t}"
+        raise UnsupportedType(f"tensor type {desc} is not supported")
+    return _SUPPORTED[t]
+
+
+def block_size(type_id: int) -> int:
+    return _traits(type_id)[1]
+
+
+def type_size(type_id: int) -> int:
+    """Bytes per block."""
+    return _traits(type_id)[2]
+
+
+def row_nbytes(type_id: int, n_cols: int) -> int:
+    _, bs, ts = _traits(type_id)
+    if n_cols % bs:
+        raise ValueError(f"row of {n_cols} values is not a multiple of the "
+                         f"{type_name(type_id)} block size {bs}")
+    return n_cols // bs * ts
+
+
+# ---------------------------------------------------------------------------
+# Scalars: f16 / bf16 / f32 from bytes
+# ---------------------------------------------------------------------------
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    """Reinterpret a uint32 as float32 (a register bitcast, payloads kept)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_as_bits(typingctx, v):
+    """Reinterpret a float32 as uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llir.IntType(32))
+
+    return sig, codegen
+
+
+_U32 = np.uint32
+
+
+@njit(cache=True, inline="always")
+def _f16_halves_to_f32(lo, hi):
+    """IEEE half given as its two bytes -> float32, exactly as numpy's astype.
+
+    Normal numbers: shift exponent+mantissa into float32 position and re-bias the
+    exponent by 127 - 15 = 112 (0x38000000 = 112 << 23).  inf/nan: exponent all
+    ones, mantissa (payload) << 13.  Subnormals m * 2**-24 are exact float32
+    normals, computed in float.  Branch-free (selects), all in uint32, so that
+    loops over F16 data vectorise.
+    """
+    h = _U32(lo) | (_U32(hi) << _U32(8))
+    sign = (h & _U32(0x8000)) << _U32(16)
+    em = h & _U32(0x7FFF)
+    nrm = (em << _U32(13)) + _U32(0x38000000)
+    nrm = ((em << _U32(13)) | _U32(0x7F800000)) if em >= _U32(0x7C00) else nrm
+    sub = _f32_as_bits(np.float32(np.int32(h & _U32(0x3FF))) * np.float32(5.960464477539063e-08))
+    return _bits_as_f32((sub if em < _U32(0x400) else nrm) | sign)
+
+
+@njit(cache=True, inline="always")
+def _f16_bits_to_f32(h):
+    """IEEE half as an int 0..65535 -> float32 (see _f16_halves_to_f32)."""
+    return _f16_halves_to_f32(h & 0xFF, h >> 8)
+
+
+@njit(cache=True, inline="always")
+def _f16(src, o):
+    """float16 stored little-endian at src[o:o+2], as float32."""
+    return _f16_halves_to_f32(src[o], src[o + 1])
+
+
+@njit(cache=True)
+def _f16_table():
+    out = np.empty(65536, np.float32)
+    for h in range(65536):
+        out[h] = _f16_bits_to_f32(h)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Block decoders.  Each decodes blocks b0 .. b0+nb-1 of `src` (flat uint8) into
+# dst[doff : doff + nb*block_size].
+# ---------------------------------------------------------------------------
+
+# Performance notes for all decoders (they matter 5x): each block is handled
+# through slices `blk` / `out` indexed by plain loop counters, because numba's
+# negative-index wraparound on computed indices (src[o + j]) hides contiguity
+# from LLVM; and the inner trip counts are min(16 or 32, len(dst)) instead of
+# literals, which stops LLVM from unrolling the inner loop completely and then
+# vectorising across blocks with gathers.  len(dst) >= block_size whenever a
+# block is decoded, so the counts are always the full 16 / 32.  Neither trick
+# changes a single float operation.
+
+# F32: 4 bytes per value.
+@njit(cache=True)
+def _dec_f32(src, b0, nb, dst, doff):
+    blk = src[b0 * 4:(b0 + nb) * 4]
+    out = dst[doff:doff + nb]
+    for i in range(nb):
+        bits = (np.uint32(blk[4 * i]) | (np.uint32(blk[4 * i + 1]) << 8)
+                | (np.uint32(blk[4 * i + 2]) << 16) | (np.uint32(blk[4 * i + 3]) << 24))
+        out[i] = _bits_as_f32(bits)
+
+
+# F16: 2 bytes per value.
+@njit(cache=True)
+def _dec_f16(src, b0, nb, dst, doff):
+    blk = src[b0 * 2:(b0 + nb) * 2]
+    out = dst[doff:doff + nb]
+    for i in range(nb):
+        out[i] = _f16_halves_to_f32(blk[2 * i], blk[2 * i + 1])
+
+
+# BF16: 2 bytes per value, the top half of a float32.
+@njit(cache=True)
+def _dec_bf16(src, b0, nb, dst, doff):
+    blk = src[b0 * 2:(b0 + nb) * 2]
+    out = dst[doff:doff + nb]
+    for i in range(nb):
+        out[i] = _bits_as_f32((np.uint32(blk[2 * i]) << 16) | (np.uint32(blk[2 * i + 1]) << 24))
+
+
+# Q4_0 (32 weights, 18 bytes): f16 d | u8 qs[16].
+#   qs[j] low nibble -> weight j, high nibble -> weight j+16;  w = d * (q - 8)
+@njit(cache=True)
+def _dec_q4_0(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 18:(b0 + i + 1) * 18]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        for j in range(n16):
+            b = blk[2 + j]
+            out[j] = d * np.float32(np.int32(b & 0xF) - 8)
+            out[j + 16] = d * np.float32(np.int32(b >> 4) - 8)
+
+
+# Q4_1 (32 weights, 20 bytes): f16 d | f16 m | u8 qs[16] (nibbles as Q4_0);
+#   w = (d * q) + m
+@njit(cache=True)
+def _dec_q4_1(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 20:(b0 + i + 1) * 20]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        m = _f16(blk, 2)
+        for j in range(n16):
+            b = blk[4 + j]
+            out[j] = d * np.float32(b & 0xF) + m
+            out[j + 16] = d * np.float32(b >> 4) + m
+
+
+# Q5_0 (32 weights, 22 bytes): f16 d | u32 qh | u8 qs[16].
+#   5-bit q: nibble as Q4_0, bit j of qh is bit 4 of weight j;  w = d * (q - 16)
+@njit(cache=True)
+def _dec_q5_0(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 22:(b0 + i + 1) * 22]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        qh = (np.uint32(blk[2]) | (np.uint32(blk[3]) << 8)
+              | (np.uint32(blk[4]) << 16) | (np.uint32(blk[5]) << 24))
+        for j in range(n16):
+            b = np.uint32(blk[6 + j])
+            lo = (b & 0xF) | (((qh >> j) & 1) << 4)
+            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            out[j] = d * np.float32(np.int32(lo) - 16)
+            out[j + 16] = d * np.float32(np.int32(hi) - 16)
+
+
+# Q5_1 (32 weights, 24 bytes): f16 d | f16 m | u32 qh | u8 qs[16];  w = (d * q) + m
+@njit(cache=True)
+def _dec_q5_1(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 24:(b0 + i + 1) * 24]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        m = _f16(blk, 2)
+        qh = (np.uint32(blk[4]) | (np.uint32(blk[5]) << 8)
+              | (np.uint32(blk[6]) << 16) | (np.uint32(blk[7]) << 24))
+        for j in range(n16):
+            b = np.uint32(blk[8 + j])
+            lo = (b & 0xF) | (((qh >> j) & 1) << 4)
+            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            out[j] = d * np.float32(lo) + m
+            out[j + 16] = d * np.float32(hi) + m
+
+
+# Q8_0 (32 weights, 34 bytes): f16 d | i8 qs[32];  w = q * d
+@njit(cache=True)
+def _dec_q8_0(src, b0, nb, dst, doff):
+    n32 = min(32, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 34:(b0 + i + 1) * 34]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        for j in range(n32):
+            out[j] = np.float32(np.int8(blk[2 + j])) * d
+
+
+# Q2_K (256 weights, 84 bytes): u8 scales[16] | u8 qs[64] | f16 d | f16 dmin.
+#   16 sub-blocks of 16; scales[s]: low nibble scale, high nibble min.
+#   Weight e = h*128 + k*32 + l (h<2, k<4, l<32) is bits 2k..2k+1 of qs[h*32 + l];
+#   w = (d * sc) * q - (dmin * mn), for sub-block e // 16.
+@njit(cache=True)
+def _dec_q2_k(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 84:(b0 + i + 1) * 84]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 80)
+        dmin = _f16(blk, 82)
+        for h in range(2):
+            for k in range(4):
+                for half in range(2):
+                    e0 = h * 128 + k * 32 + half * 16
+                    sc = blk[e0 // 16]
+                    dl = d * np.float32(sc & 0xF)
+                    ml = dmin * np.float32(sc >> 4)
+                    qs = blk[16 + h * 32 + half * 16:16 + h * 32 + half * 16 + 16]
+                    o = out[e0:e0 + 16]
+                    for l in range(n16):
+                        o[l] = dl * np.float32((qs[l] >> (2 * k)) & 3) - ml
+
+
+# Q3_K (256 weights, 110 bytes): u8 hmask[32] | u8 qs[64] | u8 scales[12] | f16 d.
+#   16 sub-blocks of 16 with 6-bit signed scales: low 4 bits of scale s are
+#   nibble s//8 of scales[s%8], high 2 bits are bits 2*(s//4).. of scales[8 + s%4];
+#   sc = that - 32.  Weight e = h*128 + k*32 + l: low 2 bits from qs as Q2_K,
+#   bit (h*4+k) of hmask[l] set means +0, clear means -4;  w = (d * sc) * q
+@njit(cache=True)
+def _dec_q3_k(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 110:(b0 + i + 1) * 110]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 108)
+        for h in range(2):
+            for k in range(4):
+                hb = h * 4 + k
+                for half in range(2):
+                    e0 = h * 128 + k * 32 + half * 16
+                    s = e0 // 16
+                    lo = (blk[96 + (s & 7)] >> (4 * (s >> 3))) & 0xF
+                    hi = (blk[104 + (s & 3)] >> (2 * (s >> 2))) & 3
+                    dl = d * np.float32(np.int32(lo | (hi << 4)) - 32)
+                    qs = blk[32 + h * 32 + half * 16:32 + h * 32 + half * 16 + 16]
+                    hm = blk[half * 16:half * 16 + 16]
+                    o = out[e0:e0 + 16]
+                    for l in range(n16):
+                        ql = np.int32((qs[l] >> (2 * k)) & 3)
+                        mbit = np.int32((hm[l] >> hb) & 1)
+                        o[l] = dl * np.float32(ql - ((mbit ^ 1) << 2))
+
+
+@njit(cache=True, inline="always")
+def _k_scale_min(src, o, j):
+    """6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at src[o].
+
+    bytes 0-3: low 6 bits scale j<4 (top 2 bits: high bits of scale j+4)
+    bytes 4-7: low 6 bits min j<4   (top 2 bits: high bits of min j+4)
+    bytes 8-11: low nibble scale j+4, high nibble min j+4 (their low 4 bits)
+    """
+    if j < 4:
+        return src[o + j] & 0x3F, src[o + 4 + j] & 0x3F
+    b = src[o + 4 + j]
+    return (b & 0xF) | ((src[o + j - 4] >> 2) & 0x30), (b >> 4) | ((src[o + j] >> 2) & 0x30)
+
+
+# Q4_K (256 weights, 144 bytes): f16 d | f16 dmin | u8 scales[12] | u8 qs[128].
+#   8 sub-blocks of 32 (scales/mins per _k_scale_min).  Weight e = g*64 + s*32 + l
+#   is nibble s of qs[g*32 + l];  w = (d * sc) * q - (dmin * mn)
+@njit(cache=True)
+def _dec_q4_k(src, b0, nb, dst, doff):
+    n32 = min(32, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 144:(b0 + i + 1) * 144]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        for j in range(8):
+            sc, mn = _k_scale_min(blk, 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(mn)
+            g = j >> 1
+            sh = 4 * (j & 1)
+            qs = blk[16 + g * 32:16 + g * 32 + 32]
+            o = out[j * 32:j * 32 + 32]
+            for l in range(n32):
+                o[l] = dl * np.float32((qs[l] >> sh) & 0xF) - ml
+
+
+# Q5_K (256 weights, 176 bytes): f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128].
+#   As Q4_K, plus bit j of qh[l] is bit 4 of weight j*32 + l.
+@njit(cache=True)
+def _dec_q5_k(src, b0, nb, dst, doff):
+    n32 = min(32, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 176:(b0 + i + 1) * 176]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        qh = blk[16:48]
+        for j in range(8):
+            sc, mn = _k_scale_min(blk, 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(mn)
+            g = j >> 1
+            sh = 4 * (j & 1)
+            qs = blk[48 + g * 32:48 + g * 32 + 32]
+            o = out[j * 32:j * 32 + 32]
+            for l in range(n32):
+                q = ((qs[l] >> sh) & 0xF) | (((qh[l] >> j) & 1) << 4)
+                o[l] = dl * np.float32(q) - ml
+
+
+# Q6_K (256 weights, 210 bytes): u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d.
+#   Weight e = h*128 + t*32 + l (h<2, t<4, l<32): low nibble (t<2) or high nibble
+#   (t>=2) of ql[h*64 + (t&1)*32 + l], bits 2t..2t+1 of qh[h*32 + l] on top;
+#   w = (d * scales[e // 16]) * (q - 32)
+@njit(cache=True)
+def _dec_q6_k(src, b0, nb, dst, doff):
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 210:(b0 + i + 1) * 210]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 208)
+        for h in range(2):
+            for t in range(4):
+                for half in range(2):
+                    e0 = h * 128 + t * 32 + half * 16
+                    dl = d * np.float32(np.int8(blk[192 + e0 // 16]))
+                    a = h * 64 + (t & 1) * 32 + half * 16
+                    ql = blk[a:a + 16]
+                    qh = blk[128 + h * 32 + half * 16:128 + h * 32 + half * 16 + 16]
+                    o = out[e0:e0 + 16]
+                    for l in range(n16):
+                        lo = (ql[l] >> (4 * (t >> 1))) & 0xF
+                        hi = (qh[l] >> (2 * t)) & 3
+                        o[l] = dl * np.float32(np.int32(lo | (hi << 4)) - 32)
+
+
+# IQ4_NL (32 weights, 18 bytes): f16 d | u8 qs[16], nibbles as Q4_0 but each
+#   indexes a non-linear table;  w = d * KVALUES[q]
+_IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
+                         1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+@njit(cache=True)
+def _dec_iq4_nl(src, b0, nb, dst, doff):
+    kv = _IQ4_KVALUES
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 18:(b0 + i + 1) * 18]
+        out = dst[doff + i * 32:doff + i * 32 + 32]
+        d = _f16(blk, 0)
+        for j in range(n16):
+            b = blk[2 + j]
+            out[j] = d * kv[b & 0xF]
+            out[j + 16] = d * kv[b >> 4]
+
+
+# IQ4_XS (256 weights, 136 bytes): f16 d | u16 scales_h | u8 scales_l[4] | u8 qs[128].
+#   8 sub-blocks of 32: 6-bit scale j = nibble (j&1) of scales_l[j//2] | bits 2j..2j+1
+#   of scales_h << 4, minus 32.  Sub-block j: nibble s of qs[j*16 + l] is weight
+#   j*32 + s*16 + l;  w = (d * sc) * KVALUES[q]
+@njit(cache=True)
+def _dec_iq4_xs(src, b0, nb, dst, doff):
+    kv = _IQ4_KVALUES
+    n16 = min(16, dst.shape[0])
+    for i in range(nb):
+        blk = src[(b0 + i) * 136:(b0 + i + 1) * 136]
+        out = dst[doff + i * 256:doff + i * 256 + 256]
+        d = _f16(blk, 0)
+        sh = np.int32(blk[2]) | (np.int32(blk[3]) << 8)
+        for j in range(8):
+            lo = (blk[4 + (j >> 1)] >> (4 * (j & 1))) & 0xF
+            hi = (sh >> (2 * j)) & 3
+            dl = d * np.float32(np.int32(lo | (hi << 4)) - 32)
+            qs = blk[8 + j * 16:8 + j * 16 + 16]
+            o = out[j * 32:j * 32 + 32]
+            for l in range(n16):
+                b = qs[l]
+                o[l] = dl * kv[b & 0xF]
+                o[16 + l] = dl * kv[b >> 4]
+
+
+# ---------------------------------------------------------------------------
+# Dispatch on the type id, in compiled code
+# ---------------------------------------------------------------------------
+
+@njit(cache=True)
+def _block_size_nb(type_id):
+    if type_id == GGML_F32 or type_id == GGML_F16 or type_id == GGML_BF16:
+        return 1
+    if (type_id == GGML_Q2_K or type_id == GGML_Q3_K or type_id == GGML_Q4_K
+            or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_XS):
+        return 256
+    return 32
+
+
+@njit(cache=True)
+def _decode(type_id, src, b0, nb, dst, doff):
+    """Decode blocks b0..b0+nb-1 of src into dst[doff:]; False for an unknown type."""
+    if type_id == GGML_Q4_0:
+        _dec_q4_0(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q4_1:
+        _dec_q4_1(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q8_0:
+        _dec_q8_0(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q4_K:
+        _dec_q4_k(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q6_K:
+        _dec_q6_k(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q5_0:
+        _dec_q5_0(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q5_1:
+        _dec_q5_1(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q5_K:
+        _dec_q5_k(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q3_K:
+        _dec_q3_k(src, b0, nb, dst, doff)
+    elif type_id == GGML_Q2_K:
+        _dec_q2_k(src, b0, nb, dst, doff)
+    elif type_id == GGML_IQ4_NL:
+        _dec_iq4_nl(src, b0, nb, dst, doff)
+    elif type_id == GGML_IQ4_XS:
+        _dec_iq4_xs(src, b0, nb, dst, doff)
+    elif type_id == GGML_F32:
+        _dec_f32(src, b0, nb, dst, doff)
+    elif type_id == GGML_F16:
+        _dec_f16(src, b0, nb, dst, doff)
+    elif type_id == GGML_BF16:
+        _dec_bf16(src, b0, nb, dst, doff)
+    else:
+        return False
+    return True
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_kernel(type_id, src, n_blocks, dst):
+    bs = _block_size_nb(type_id)
+    per_task = max(1, 16384 // bs)  # blocks per parallel task
+    n_tasks = (n_blocks + per_task - 1) // per_task
+    for t in prange(n_tasks):
+        b0 = t * per_task
+        nb = min(per_task, n_blocks - b0)
+        _decode(type_id, src, b0, nb, dst, b0 * bs)
+
+
+# ---------------------------------------------------------------------------
+# Fused row dots: dequant(row) . x straight from the blocks, nothing stored.
+# Each block's integer part is dotted with x in float32 and the block's scale
+# applied once (d * sum(q * x) + m * sum(x)), so these are not bit-identical to
+# dequantize-then-dot, only as accurate (float32 per block, float64 per row).
+# fastmath (reassociation) is what lets LLVM vectorise the inner reductions.
+# ---------------------------------------------------------------------------
+
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q4_0(w, x, nb):
+    acc = 0.0
+    n16 = min(16, x.shape[0])
+    for i in range(nb):
+        o = i * 18
+        xo = i * 32
+        s = np.float32(0.0)
+        for j in range(n16):
+            b = w[o + 2 + j]
+            s += (np.float32(np.int32(b & 0xF) - 8) * x[xo + j]
+                  + np.float32(np.int32(b >> 4) - 8) * x[xo + 16 + j])
+        acc += _f16(w, o) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q4_1(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        o = i * 20
+        xo = i * 32
+        s = np.float32(0.0)
+        sx = np.float32(0.0)
+        for j in range(n16):
+            b = w[o + 4 + j]
+            x0 = x[xo + j]
+            x1 = x[xo + 16 + j]
+            s += np.float32(b & 0xF) * x0 + np.float32(b >> 4) * x1
+            sx += x0 + x1
+        acc += _f16(w, o) * s + _f16(w, o + 2) * sx
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q5_0(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        o = i * 22
+        xo = i * 32
+        qh = (np.uint32(w[o + 2]) | (np.uint32(w[o + 3]) << 8)
+              | (np.uint32(w[o + 4]) << 16) | (np.uint32(w[o + 5]) << 24))
+        s = np.float32(0.0)
+        for j in range(n16):
+            b = np.uint32(w[o + 6 + j])
+            lo = (b & 0xF) | (((qh >> j) & 1) << 4)
+            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            s += (np.float32(np.int32(lo) - 16) * x[xo + j]
+                  + np.float32(np.int32(hi) - 16) * x[xo + 16 + j])
+        acc += _f16(w, o) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q5_1(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        o = i * 24
+        xo = i * 32
+        qh = (np.uint32(w[o + 4]) | (np.uint32(w[o + 5]) << 8)
+              | (np.uint32(w[o + 6]) << 16) | (np.uint32(w[o + 7]) << 24))
+        s = np.float32(0.0)
+        sx = np.float32(0.0)
+        for j in range(n16):
+            b = np.uint32(w[o + 8 + j])
+            lo = (b & 0xF) | (((qh >> j) & 1) << 4)
+            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            x0 = x[xo + j]
+            x1 = x[xo + 16 + j]
+            s += np.float32(lo) * x0 + np.float32(hi) * x1
+            sx += x0 + x1
+        acc += _f16(w, o) * s + _f16(w, o + 2) * sx
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q8_0(w, x, nb):
+    n32 = min(32, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        o = i * 34
+        xo = i * 32
+        s = np.float32(0.0)
+        for j in range(n32):
+            q = np.int32(np.int8(w[o + 2 + j]))
+            s += np.float32(q) * x[xo + j]
+        acc += _f16(w, o) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q2_k(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        o = i * 84
+        xo = i * 256
+        d = _f16(w, o + 80)
+        dmin = _f16(w, o + 82)
+        for h in range(2):
+            for k in range(4):
+                for half in range(2):
+                    e0 = h * 128 + k * 32 + half * 16
+                    sc = w[o + e0 // 16]
+                    s = np.float32(0.0)
+                    sx = np.float32(0.0)
+                    for l0 in range(n16):
+                        l = half * 16 + l0
+                        q = (w[o + 16 + h * 32 + l] >> (2 * k)) & 3
+                        xv = x[xo + h * 128 + k * 32 + l]
+                        s += np.float32(q) * xv
+                        sx += xv
+                    acc += (d * np.float32(sc & 0xF)) * s - (dmin * np.float32(sc >> 4)) * sx
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q3_k(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        blk = w[i * 110:i * 110 + 110]
+        d = _f16(blk, 108)
+        for h in range(2):
+            for k in range(4):
+                hb = h * 4 + k
+                for half in range(2):
+                    e0 = h * 128 + k * 32 + half * 16
+                    sidx = e0 // 16
+                    lo = (blk[96 + (sidx & 7)] >> (4 * (sidx >> 3))) & 0xF
+                    hi = (blk[104 + (sidx & 3)] >> (2 * (sidx >> 2))) & 3
+                    qs = blk[32 + h * 32 + half * 16:32 + h * 32 + half * 16 + 16]
+                    hm = blk[half * 16:half * 16 + 16]
+                    xs = x[i * 256 + e0:i * 256 + e0 + 16]
+                    s = np.float32(0.0)
+                    for l in range(n16):
+                        ql = np.int32((qs[l] >> (2 * k)) & 3)
+                        mbit = np.int32((hm[l] >> hb) & 1)
+                        s += np.float32(ql - ((mbit ^ 1) << 2)) * xs[l]
+                    acc += (d * np.float32(np.int32(lo | (hi << 4)) - 32)) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q4_k(w, x, nb):
+    n32 = min(32, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        blk = w[i * 144:i * 144 + 144]
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        for g in range(4):
+            qs = blk[16 + g * 32:16 + g * 32 + 32]
+            xs = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            sx0 = np.float32(0.0)
+            sx1 = np.float32(0.0)
+            for l in range(n32):
+                b = qs[l]
+                x0 = xs[l]
+                x1 = xs[32 + l]
+                s0 += np.float32(b & 0xF) * x0
+                s1 += np.float32(b >> 4) * x1
+                sx0 += x0
+                sx1 += x1
+            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
+            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
+            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * sx0
+            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * sx1
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q5_k(w, x, nb):
+    n32 = min(32, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        blk = w[i * 176:i * 176 + 176]
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        qh = blk[16:48]
+        for g in range(4):
+            qs = blk[48 + g * 32:48 + g * 32 + 32]
+            xs = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            sx0 = np.float32(0.0)
+            sx1 = np.float32(0.0)
+            for l in range(n32):
+                b = qs[l]
+                hb = qh[l]
+                x0 = xs[l]
+                x1 = xs[32 + l]
+                s0 += np.float32((b & 0xF) | (((hb >> (2 * g)) & 1) << 4)) * x0
+                s1 += np.float32((b >> 4) | (((hb >> (2 * g + 1)) & 1) << 4)) * x1
+                sx0 += x0
+                sx1 += x1
+            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
+            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
+            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * sx0
+            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * sx1
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_q6_k(w, x, nb):
+    n16 = min(16, x.shape[0])
+    acc = 0.0
+    for i in range(nb):
+        blk = w[i * 210:i * 210 + 210]
+        d = _f16(blk, 208)
+        for h in range(2):
+            for half in range(2):
+                # 16 weights from each of the four 32-runs t = 0..3 of this half;
+                # slices so that every load below is provably contiguous
+                p = h * 64 + half * 16
+                qa = blk[p:p + 16]
+                qb = blk[p + 32:p + 48]
+                qc = blk[128 + h * 32 + half * 16:128 + h * 32 + half * 16 + 16]
+                xs = x[i * 256 + h * 128 + half * 16:i * 256 + h * 128 + 128]
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                for l in range(n16):
+                    a = qa[l]
+                    b = qb[l]
+                    c = qc[l]
+                    s0 += np.float32(np.int32((a & 0xF) | ((c & 3) << 4)) - 32) * xs[l]
+                    s1 += np.float32(np.int32((b & 0xF) | (((c >> 2) & 3) << 4)) - 32) * xs[32 + l]
+                    s2 += np.float32(np.int32((a >> 4) | (((c >> 4) & 3) << 4)) - 32) * xs[64 + l]
+                    s3 += np.float32(np.int32((b >> 4) | ((c >> 6) << 4)) - 32) * xs[96 + l]
+                so = 192 + h * 8 + half
+                acc += (d * np.float32(np.int8(blk[so]))) * s0
+                acc += (d * np.float32(np.int8(blk[so + 2]))) * s1
+                acc += (d * np.float32(np.int8(blk[so + 4]))) * s2
+                acc += (d * np.float32(np.int8(blk[so + 6]))) * s3
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_iq4_nl(w, x, nb):
+    n16 = min(16, x.shape[0])
+    kv = _IQ4_KVALUES
+    acc = 0.0
+    for i in range(nb):
+        o = i * 18
+        xo = i * 32
+        s = np.float32(0.0)
+        for j in range(n16):
+            b = w[o + 2 + j]
+            s += kv[b & 0xF] * x[xo + j] + kv[b >> 4] * x[xo + 16 + j]
+        acc += _f16(w, o) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_iq4_xs(w, x, nb):
+    n16 = min(16, x.shape[0])
+    kv = _IQ4_KVALUES
+    acc = 0.0
+    for i in range(nb):
+        blk = w[i * 136:i * 136 + 136]
+        d = _f16(blk, 0)
+        sh = np.int32(blk[2]) | (np.int32(blk[3]) << 8)
+        for j in range(8):
+            qs = blk[8 + j * 16:8 + j * 16 + 16]
+            xs = x[i * 256 + j * 32:i * 256 + j * 32 + 32]
+            s = np.float32(0.0)
+            for l in range(n16):
+                b = qs[l]
+                s += kv[b & 0xF] * xs[l] + kv[b >> 4] * xs[16 + l]
+            lo = (blk[4 + (j >> 1)] >> (4 * (j & 1))) & 0xF
+            hi = (sh >> (2 * j)) & 3
+            acc += (d * np.float32(np.int32(lo | (hi << 4)) - 32)) * s
+    return acc
+
+
+# F32 / F16 / BF16 rows: nb is the number of values; float32 sums per 32.
+@njit(cache=True, fastmath=_FM)
+def _rdot_f32(w, x, nb):
+    acc = 0.0
+    for c0 in range(0, nb, 32):
+        m = min(32, nb - c0)
+        wb = w[4 * c0:4 * (c0 + m)]
+        xs = x[c0:c0 + m]
+        s = np.float32(0.0)
+        for j in range(m):
+            bits = (_U32(wb[4 * j]) | (_U32(wb[4 * j + 1]) << _U32(8))
+                    | (_U32(wb[4 * j + 2]) << _U32(16)) | (_U32(wb[4 * j + 3]) << _U32(24)))
+            s += _bits_as_f32(bits) * xs[j]
+        acc += s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_f16(w, x, nb):
+    acc = 0.0
+    for c0 in range(0, nb, 32):
+        m = min(32, nb - c0)
+        wb = w[2 * c0:2 * (c0 + m)]
+        xs = x[c0:c0 + m]
+        s = np.float32(0.0)
+        for j in range(m):
+            s += _f16_halves_to_f32(wb[2 * j], wb[2 * j + 1]) * xs[j]
+        acc += s
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _rdot_bf16(w, x, nb):
+    acc = 0.0
+    for c0 in range(0, nb, 32):
+        m = min(32, nb - c0)
+        wb = w[2 * c0:2 * (c0 + m)]
+        xs = x[c0:c0 + m]
+        s = np.float32(0.0)
+        for j in range(m):
+            s += _bits_as_f32((_U32(wb[2 * j]) << _U32(16)) | (_U32(wb[2 * j + 1]) << _U32(24))) * xs[j]
+        acc += s
+    return acc
+
+
+@njit(cache=True)
+def _row_dot(type_id, w, x, nb):
+    """dequant(w) . x for one row of nb blocks; NaN for an unknown type."""
+    if type_id == GGML_Q4_0:
+        return _rdot_q4_0(w, x, nb)
+    if type_id == GGML_Q4_1:
+        return _rdot_q4_1(w, x, nb)
+    if type_id == GGML_Q8_0:
+        return _rdot_q8_0(w, x, nb)
+    if type_id == GGML_Q4_K:
+        return _rdot_q4_k(w, x, nb)
+    if type_id == GGML_Q6_K:
+        return _rdot_q6_k(w, x, nb)
+    if type_id == GGML_Q5_0:
+        return _rdot_q5_0(w, x, nb)
+    if type_id == GGML_Q5_1:
+        return _rdot_q5_1(w, x, nb)
+    if type_id == GGML_Q5_K:
+        return _rdot_q5_k(w, x, nb)
+    if type_id == GGML_Q3_K:
+        return _rdot_q3_k(w, x, nb)
+    if type_id == GGML_Q2_K:
+        return _rdot_q2_k(w, x, nb)
+    if type_id == GGML_IQ4_NL:
+        return _rdot_iq4_nl(w, x, nb)
+    if type_id == GGML_IQ4_XS:
+        return _rdot_iq4_xs(w, x, nb)
+    if type_id == GGML_F32:
+        return _rdot_f32(w, x, nb)
+    if type_id == GGML_F16:
+        return _rdot_f16(w, x, nb)
+    if type_id == GGML_BF16:
+        return _rdot_bf16(w, x, nb)
+    return np.nan
+
+
+# ---------------------------------------------------------------------------
+# matmul: fused row dots for few activation rows, decode-once-per-chunk for many
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _dot_chunk(buf, x, c0, m):
+    """sum_j buf[j] * x[c0 + j] for j < m (m <= 256), in float32.
+
+    Reassociation lets LLVM vectorise it (16 lanes of partial sums); the caller
+    adds the chunk sums in float64.  The slice matters: indexing x[c0 + j]
+    directly makes numba's negative-index wraparound turn the loads into
+    gathers (8x slower).
+    """
+    xs = x[c0:c0 + m]
+    s = np.float32(0.0)
+    for j in range(m):
+        s += buf[j] * xs[j]
+    return s
+
+
+# With this many activation rows or fewer (token-by-token decode), matmul runs the
+# fused row dots; with more (batched prefill), each 256-weight chunk of a row is
+# decoded once into a thread-local buffer and dotted with every row of X.
+# Measured on one Zen 4 core (tools/bench_dequant.py): fused 4-18 GFLOP/s vs
+# 3-8 via the buffer at n=1; at n=2 the buffer already wins for most formats.
+FUSED_MAX_N = 1
+
+
+@njit(parallel=True, cache=True)
+def matmul(type_id, W, X, out):
+    """out[r, i] = sum_c dequant(W)[i, c] * X[r, c]  (out = X @ W_deq.T).
+
+    W: uint8 (rows, row_nbytes) of `type_id` blocks, C order (read-only, as
+    GGUFFile.raw gives it, to share one compiled specialisation); X: float32
+    (n, cols), C order; out: float32 (n, rows).  Parallel over weight rows.
+    For n <= FUSED_MAX_N every product is a fused row dot straight from the
+    blocks; for larger n (batched prefill) each 256-weight chunk of a row is
+    decoded once into a thread-local buffer and dotted with all n rows of X.
+    Nothing is validated here (the Python wrappers do): an unknown type id
+    leaves `out` untouched, so callers check is_supported first.
+    """
+    rows = W.shape[0]
+    n = X.shape[0]
+    cols = X.shape[1]
+    bs = _block_size_nb(type_id)
+    nb = cols // bs
+    fused = n <= FUSED_MAX_N
+    # A fixed task count (not get_num_threads(), which would stop numba caching
+    # this function): enough tasks to balance 16+ threads, few enough that the
+    # per-task buffers cost nothing.
+    n_tasks = min(rows, 128)
+    per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
+    for t in prange(n_tasks):
+        i_end = min(rows, (t + 1) * per_task)
+        if fused:
+            for i in range(t * per_task, i_end):
+                w = W[i]
+                for r in range(n):
+                    out[r, i] = _row_dot(type_id, w, X[r], nb)
+            continue
+        buf = np.empty(_CHUNK, np.float32)
+        acc = np.empty(n, np.float64)
+        for i in range(t * per_task, i_end):
+            w = W[i]
+            for r in range(n):
+                acc[r] = 0.0
+            for c0 in range(0, cols, _CHUNK):
+                m = min(_CHUNK, cols - c0)
+                _decode(type_id, w, c0 // bs, m // bs, buf, 0)
+                for r in range(n):
+                    acc[r] += _dot_chunk(buf, X[r], c0, m)
+            for r in range(n):
+                out[r, i] = acc[r]
+
+
+# ---------------------------------------------------------------------------
+# Python API (validation lives here, the kernels trust their input)
+# ---------------------------------------------------------------------------
+
+def _as_u8_readonly(a: np.ndarray, ndim: int) -> np.ndarray:
+    """uint8, C-contiguous, read-only: the one array type the kernels are compiled
+    for (GGUFFile.raw gives exactly this, so the engine shares the specialisation)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype != np.uint8:
+        a = a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint8).reshape(a.shape[:-1] + (-1,))
+    if a.ndim != ndim:
+        a = a.reshape(-1) if ndim == 1 else a.reshape(a.shape[0] if a.ndim else 1, -1)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def dequantize(raw: np.ndarray, type_id: int, shape) -> np.ndarray:
+    """Decode `raw` (the tensor's bytes, any shape) into float32 of `shape`."""
+    name, bs, ts = _traits(type_id)
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if shape and shape[-1] % bs:
+        raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the block size {bs}")
+    n_blocks = n // bs
+    src = _as_u8_readonly(raw, 1)
+    if src.size != n_blocks * ts:
+        raise ValueError(f"{name}: {src.size} bytes given, {n_blocks * ts} needed for shape {shape}")
+    out = np.empty(n, np.float32)
+    if n_blocks:
+        _dequantize_kernel(int(type_id), src, n_blocks, out)
+    return out.reshape(shape)
+
+
+def _check_matrix(type_id: int, W: np.ndarray, cols: int) -> np.ndarray:
+    name, bs, ts = _traits(type_id)
+    if cols % bs:
+        raise ValueError(f"{name}: {cols} columns is not a multiple of the block size {bs}")
+    W = _as_u8_readonly(W, 2)
+    if W.shape[1] != cols // bs * ts:
+        raise ValueError(f"{name}: weight rows have {W.shape[1]} bytes, "
+                         f"{cols // bs * ts} expected for {cols} columns")
+    return W
+
+
+def matvec(type_id: int, W: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """dequant(W) @ x for W uint8 (rows, row_nbytes), x float32 (cols,)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
+    W = _check_matrix(type_id, W, x.shape[1])
+    out = np.empty((1, W.shape[0]), np.float32)
+    matmul(int(type_id), W, x, out)
+    return out[0]
+
+
+def dot(type_id: int, block_row: np.ndarray, x: np.ndarray) -> float:
+    """dequant(block_row) . x for one row of blocks (uint8 1-D)."""
+    return float(matvec(type_id, np.asarray(block_row).reshape(1, -1), x)[0])

@@ -1,0 +1,127 @@
+"""A slow, obviously-correct NumPy float64 forward pass for llama / qwen2 / qwen3 GGUFs.
+
+A second oracle, independent of runtime/ on purpose: weights come from gguf-py's
+GGUFReader + gguf.quants.dequantize, the math is straight-line float64.
+RoPE style follows llama.cpp (llama_model_rope_type): llama -> "normal" (adjacent pairs,
+the converter permutes Q/K rows so this matches HF), qwen2 / qwen3 -> NEOX (halves).
+
+    reference_logits(path, ids) -> float64 [len(ids), n_vocab]
+    reference_attention(path, ids) -> float64 [layers, heads, q, k] softmax weights
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+NEOX_ARCHS = {"qwen2", "qwen3"}
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+@lru_cache(maxsize=2)  # float64 SmolLM2 is ~1.1 GB
+def load_weights(path: str):
+    """(hparams dict, {name: float64 array in numpy shape}) - cached per path in-process."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    arch = _field(r, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"reference forward does not support arch {arch!r}")
+    g = lambda k, d=None: _field(r, f"{arch}.{k}", d)  # noqa: E731
+    d = int(g("embedding_length"))
+    H = int(g("attention.head_count"))
+    hp = dict(arch=arch, n_layers=int(g("block_count")), d=d, H=H,
+              KV=int(g("attention.head_count_kv", H)),
+              eps=float(g("attention.layer_norm_rms_epsilon")),
+              base=float(g("rope.freq_base", 10000.0)))
+    hd = d // H
+    if arch != "qwen2":  # llama.cpp's qwen2 loader ignores key_length
+        hd = int(g("attention.key_length", hd))
+    hp["hd"] = hd
+    hp["n_rot"] = int(g("rope.dimension_count", hd))
+    scale_type = g("rope.scaling.type", "none")
+    factor = float(g("rope.scaling.factor", 0.0) or 0.0)
+    hp["freq_scale"] = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
+    W = {}
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        W[t.name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(shape)
+    return hp, W
+
+
+def _rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, n_rot, base, freq_scale, neox):
+    """x [n, heads, hd]: rotate the first n_rot dims by pos * freq_scale * base^(-2i/n_rot)."""
+    half = n_rot // 2
+    theta = (pos[:, None] * freq_scale) * base ** (-2.0 * np.arange(half) / n_rot)  # [n, half]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    out = x.copy()
+    if neox:
+        a, b = x[..., :half], x[..., half:n_rot]
+        out[..., :half], out[..., half:n_rot] = a * cos - b * sin, a * sin + b * cos
+    else:
+        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def _forward(path, ids):
+    hp, W = load_weights(str(path))
+    ids = np.asarray(ids, dtype=np.int64)
+    n, H, KV, hd, eps = len(ids), hp["H"], hp["KV"], hp["hd"], hp["eps"]
+    neox = hp["arch"] in NEOX_ARCHS
+    pos = np.arange(n, dtype=np.float64)
+    causal = np.triu(np.ones((n, n), dtype=bool), 1)
+    x = W["token_embd.weight"][ids]
+    attn_all = []
+    for i in range(hp["n_layers"]):
+        p = f"blk.{i}."
+        h = _rms_norm(x, W[p + "attn_norm.weight"], eps)
+        q = h @ W[p + "attn_q.weight"].T
+        k = h @ W[p + "attn_k.weight"].T
+        v = h @ W[p + "attn_v.weight"].T
+        if p + "attn_q.bias" in W:
+            q, k, v = q + W[p + "attn_q.bias"], k + W[p + "attn_k.bias"], v + W[p + "attn_v.bias"]
+        q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, -1)
+        if p + "attn_q_norm.weight" in W:  # qwen3: per-head RMSNorm before RoPE
+            q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
+            k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
+        q = _rope(q, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox)
+        k = _rope(k, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox)
+        group = H // KV  # query head j uses KV head j // group
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+        scores[:, causal] = -np.inf
+        scores -= scores.max(-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(-1, keepdims=True)
+        attn_all.append(probs)
+        o = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
+        x = x + o @ W[p + "attn_output.weight"].T
+        h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
+        gate, up = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
+        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ W[p + "ffn_down.weight"].T
+    x = _rms_norm(x, W["output_norm.weight"], eps)
+    out = W.get("output.weight", W["token_embd.weight"])  # absent: tied to the embeddings
+    return x @ out.T, np.stack(attn_all)
+
+
+def reference_logits(path, ids) -> np.ndarray:
+    """float64 [len(ids), n_vocab] logits of a fresh causal sequence."""
+    return _forward(path, ids)[0]
+
+
+def reference_attention(path, ids) -> np.ndarray:
+    """float64 [layers, heads, q, k] causal softmax attention weights."""
+    return _forward(path, ids)[1]

@@ -1,0 +1,301 @@
+"""`generate` and `chat`: the conversation logic (KV-cache reuse, dropping old
+turns, commands) on a scripted stand-in model with SmolLM2's real tokenizer
+and chat template, then the real program end to end with SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.chat import ChatSession, _common_prefix
+from runtime.cli import CLIError
+from runtime.sampling import SamplerParams
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "You are a helpful assistant."   # see shared/MODELS.md: SmolLM2 answers Paris with it
+
+
+# ---------------------------------------------------------------- a scripted model
+
+class _ScriptedSession:
+    """A KV cache that records what it is fed; its 'logits' make greedy
+    decoding spell the model's script and then end the turn."""
+
+    def __init__(self, model):
+        self.model = model
+        self.tokens: list[int] = []
+        self.evals: list[int] = []
+
+    @property
+    def n_past(self):
+        return len(self.tokens)
+
+    def eval(self, ids):
+        ids = [int(i) for i in ids]
+        assert ids, "eval of nothing"
+        assert self.n_past + len(ids) <= self.model.n_ctx, "KV cache overflow"
+        self.tokens.extend(ids)
+        self.evals.append(len(ids))
+
+    def logits(self):
+        script = self.model.script
+        last = self.tokens[-1]
+        nxt = script[script.index(last) + 1] if last in script[:-1] else (
+            self.model.eos if last == script[-1] else script[0])
+        x = np.zeros(self.model.n_vocab, dtype=np.float32)
+        x[nxt] = 10.0
+        return x
+
+    def rewind(self, n):  # the engine's meaning: drop the last n positions
+        assert 0 <= n <= self.n_past
+        del self.tokens[self.n_past - n:]
+
+    def reset(self):
+        self.tokens.clear()
+
+
+class _ScriptedModel:
+    def __init__(self, gguf, tokenizer, n_ctx, reply=" Paris is the capital."):
+        self.gguf, self.tokenizer, self.n_ctx = gguf, tokenizer, n_ctx
+        self.n_vocab = tokenizer.n_vocab
+        self.script = tokenizer.tokenize(reply, add_special=False)
+        assert len(set(self.script)) == len(self.script)
+        self.eos = tokenizer.eos_id
+        self.sessions = []
+
+    def session(self):
+        s = _ScriptedSession(self)
+        self.sessions.append(s)
+        return s
+
+
+@pytest.fixture(scope="module")
+def smol_vocab(smollm2_path):
+    from runtime.gguf import GGUFFile
+    from runtime.tokenizer import Tokenizer
+
+    g = GGUFFile(smollm2_path)
+    return g, Tokenizer.from_gguf(g)
+
+
+def _chat(smol_vocab, n_ctx=2048, **kw):
+    g, tok = smol_vocab
+    model = _ScriptedModel(g, tok, n_ctx)
+    kw.setdefault("params", SamplerParams(temp=0))
+    return ChatSession(model, **kw), model
+
+
+def test_common_prefix():
+    assert _common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert _common_prefix([], [1]) == 0
+    assert _common_prefix([1, 2], [1, 2]) == 2
+
+
+def test_turn_two_prefills_only_the_new_turn(smol_vocab):
+    chat, model = _chat(smol_vocab, system=SYSTEM)
+    tok = chat.tokenizer
+    assert chat.say("What is the capital of France?") == " Paris is the capital."
+    first = chat.render_ids(chat.messages[:1])
+    assert chat.last_prefill == len(first)          # turn 1: the whole prompt
+    cache_before = list(model.sessions[0].tokens)
+
+    question = "And what is the capital of Germany, please?"
+    chat.say(question)
+    full = chat.render_ids(chat.messages[:3])
+    new_text_tokens = len(tok.tokenize(question, add_special=False))
+    # only the new user message, its template markers and the reply's last
+    # token (sampled, never evaluated) are prefilled, not the conversation
+    assert new_text_tokens <= chat.last_prefill <= new_text_tokens + 12
+    assert chat.last_prefill < len(full) // 2
+    s = model.sessions[0]
+    assert len(model.sessions) == 1 and s.tokens[:len(cache_before)] == cache_before
+    # what is cached is exactly the rendering of the conversation so far
+    assert s.tokens[:len(full)] == full
+    assert chat.n_evaluated == sum(s.evals)
+
+
+def test_context_full_drops_oldest_turns_keeps_system(smol_vocab):
+    notes = []
+    chat, model = _chat(smol_vocab, n_ctx=160, system=SYSTEM, notify=notes.append)
+    for i in range(8):
+        chat.say(f"Tell me about the number {i} in one short sentence.")
+    assert any("dropped" in n for n in notes)
+    ids = chat.render_ids(chat.messages)
+    assert len(ids) <= 160
+    assert chat.tokenizer.detokenize(ids, special=True).startswith("<|im_start|>system\n" + SYSTEM)
+    # the newest turn survives, the oldest does not
+    assert chat.messages[-2]["content"].startswith("Tell me about the number 7")
+    assert not any("number 0" in m["content"] for m in chat.messages)
+    assert model.sessions[0].n_past <= 160
+
+
+def test_message_longer_than_context_is_a_clear_error(smol_vocab):
+    chat, _ = _chat(smol_vocab, n_ctx=64)
+    with pytest.raises(CLIError, match="context holds 64"):
+        chat.say("word " * 200)
+    assert chat.messages == []          # nothing half-recorded
+    assert chat.say("Hi") == " Paris is the capital."
+
+
+def test_n_predict_and_stop(smol_vocab):
+    chat, _ = _chat(smol_vocab, n_predict=2)
+    out = chat.say("Hi")
+    assert chat.timings.stop == "limit" and chat.timings.n_gen == 2
+    assert out == chat.tokenizer.detokenize(chat.tokenizer.tokenize(" Paris is the capital.", add_special=False)[:2])
+    chat.n_predict = -1
+    gen = chat.reply("Again")
+    first = next(gen)
+    chat.stop()                          # what Ctrl-C does
+    rest = "".join(gen)
+    assert chat.timings.stop == "interrupted" and first + rest == chat.messages[-1]["content"]
+    assert chat.timings.n_gen == 1
+
+
+def test_commands(smol_vocab):
+    chat, model = _chat(smol_vocab, system=SYSTEM)
+    assert chat.command("/exit") is None
+    assert "/reset" in chat.command("/help")
+    assert chat.command("/set temp 0.7") == "temp = 0.7" and chat.sampler.params.temp == 0.7
+    assert chat.command("/set top-k 5") == "top_k = 5" and chat.sampler.params.top_k == 5
+    chat.command("/set seed 7")
+    assert chat.sampler.params.seed == 7
+    assert "min_p=0.05" in chat.command("/set")
+    with pytest.raises(ValueError, match="unknown setting"):
+        chat.command("/set tmp 1")
+    with pytest.raises(ValueError):
+        chat.command("/set top_p 2")
+    with pytest.raises(ValueError, match="unknown command"):
+        chat.command("/frobnicate")
+    chat.command("/set temp 0")
+    chat.say("Hi")
+    st = chat.command("/stats")
+    assert "tokens/s" in st and f"/{chat.n_ctx} tokens used" in st
+    chat.command("/system You are a pirate.")
+    assert chat.system == "You are a pirate."
+    chat.say("Hi again")
+    assert "You are a pirate." in chat.tokenizer.detokenize(model.sessions[0].tokens, special=True)
+    chat.command("/reset")
+    assert chat.messages == [] and model.sessions[0].n_past == 0
+
+
+def test_piped_loop_prints_only_replies(smol_vocab, monkeypatch, capsys):
+    import io
+
+    import runtime.chat as chat_mod
+    from runtime.cli import build_parser
+
+    g, tok = smol_vocab
+    monkeypatch.setattr(chat_mod, "load_model", lambda name, n_ctx=None: _ScriptedModel(g, tok, n_ctx or 512))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\n/set temp 0\nHow are you?\n/exit\nnot read\n"))
+    args = build_parser().parse_args(["chat", "--temp", "0"])
+    assert chat_mod.cli_chat(args) == 0
+    out, err = capsys.readouterr()
+    assert out == " Paris is the capital.\n" * 2
+    assert "temp = 0" in err
+
+
+# ---------------------------------------------------------------- the real program
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RUNTIME_DEBUG", None)
+    return env
+
+
+def test_real_model_turn_two_reuses_the_cache(smollm2_path):
+    from runtime.model import Model
+
+    model = Model.load(smollm2_path, n_ctx=256)
+    chat = ChatSession(model, system=SYSTEM, params=SamplerParams(temp=0), n_predict=12)
+    chat.say("What is the capital of France?")
+    n1 = chat.n_evaluated
+    first = chat.last_prefill
+    question = "Thanks. And of Spain?"
+    chat.say(question)
+    full = chat.render_ids(chat.messages[:3])
+    n_new = len(chat.tokenizer.tokenize(question, add_special=False))
+    # the new message + template markers (+ the reply's last, never evaluated,
+    # token): neither turn 1's prompt nor its reply is evaluated again
+    assert n_new <= chat.last_prefill <= n_new + 12
+    assert chat.last_prefill < len(full) - first
+    assert chat.cached[:len(full)] == full and chat.session.n_past == len(chat.cached)
+    assert chat.n_evaluated - n1 == chat.last_prefill + chat.timings.n_gen - (chat.timings.stop != "eog")
+    # the reused cache gives the same next-token logits as evaluating it all afresh
+    fresh = model.session()
+    fresh.eval(full)
+    chat.session.rewind(chat.session.n_past - len(full))
+    a, b = chat.session.logits(), fresh.logits()
+    assert int(np.argmax(a)) == int(np.argmax(b))
+    np.testing.assert_allclose(a, b, atol=0.05 * float(np.abs(b).max()))
+
+
+def test_chat_in_a_terminal(smollm2_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "runtime", "chat", str(smollm2_path), "--system", SYSTEM,
+                                           "--temp", "0", "-c", "512", "-n", "48"],
+                          cwd=str(ROOT), env=_env(), encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact("> ")
+        child.sendline("What is the capital of France?")
+        child.expect_exact("Paris")
+        child.expect_exact("\r\n> ")
+        child.sendline("What is its population?")
+        child.expect_exact("\r\n> ")
+        child.sendline("/stats")
+        child.expect(r"context: \d+/512 tokens used")
+        child.expect_exact("> ")
+        # Ctrl-C stops a reply (here: after its first word) and returns to the prompt
+        child.sendline("Write a long story about a dragon.")
+        child.expect_exact("dragon.\r\n")
+        child.expect(r"\w+")
+        child.sendintr()
+        child.expect_exact(" [stopped]\r\n> ")
+        child.sendline("/reset")
+        child.expect_exact("[conversation reset]")
+        child.expect_exact("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_chat_piped_stdin(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "chat", str(smollm2_path), "--system", SYSTEM,
+                        "--temp", "0", "-c", "512", "-n", "24"],
+                       input="What is the capital of France?\n/set seed 3\nThank you!\n",
+                       capture_output=True, text=True, cwd=str(ROOT), env=_env(), timeout=180)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout                  # one reply per message, nothing else
+    assert "Paris" in lines[0]
+    assert ">" not in r.stdout[:1]
+
+
+def test_generate_streams_and_reports_speed(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", str(smollm2_path),
+                        "-p", "The capital of France is", "-n", "8", "--temp", "0"],
+                       capture_output=True, text=True, cwd=str(ROOT), env=_env(), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is")
+    assert len(r.stdout) > len("The capital of France is") + 2
+    assert "prompt eval time" in r.stderr and "tokens per second" in r.stderr
+    import re
+
+    n_gen = int(re.search(r"eval time =.*?/\s*(\d+) tokens", r.stderr.splitlines()[-1]).group(1))
+    assert 1 <= n_gen <= 8
+
+
+def test_generate_prompt_longer_than_context(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", str(smollm2_path),
+                        "-p", "word " * 100, "-c", "32"],
+                       capture_output=True, text=True, cwd=str(ROOT), env=_env(), timeout=180)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: the prompt has") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,118 @@
+"""Engine correctness on tiny synthetic F32 models: exact-math reference, incremental
+evaluation, sessions, errors, attention capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _model_util import kl_top1, reference_logits, write_synthetic
+from runtime.model import Model
+
+IDS = [int(i) for i in np.random.default_rng(7).integers(0, 512, 48)]
+
+# arch, kv heads (of 8 -> GQA 4 / 8 / 1), tied output, head_dim override, rope scale
+CASES = {
+    "llama": dict(arch="llama", n_kv_heads=2, tied=False),
+    "llama_tied_ropescale": dict(arch="llama", n_kv_heads=8, tied=True, rope_scale=4.0),
+    "qwen2": dict(arch="qwen2", n_kv_heads=1, tied=True),
+    "qwen3": dict(arch="qwen3", n_kv_heads=2, tied=False, head_dim=64),
+}
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    return {k: write_synthetic(d / f"{k}.gguf", seed=i, **kw) for i, (k, kw) in enumerate(CASES.items())}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_numpy_reference(synth, case):
+    m = Model.load(synth[case], n_ctx=64, kv_type="f32")
+    ours = m.logits(IDS)
+    ref = reference_logits(synth[case], IDS)
+    assert ours.shape == (len(IDS), 512) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()
+    kl, top1 = kl_top1(ref, ours)
+    assert kl < 1e-6 and top1 == 1.0
+
+
+def test_incremental_equals_full_pass(synth):
+    m = Model.load(synth["qwen3"], n_ctx=64, kv_type="f32")
+    full = m.logits(IDS)
+    s = m.session()
+    got = [s.eval(IDS[:5], all_logits=True), s.eval(IDS[5:17], all_logits=True)]
+    for t in IDS[17:]:
+        s.eval([t])
+        got.append(s.logits()[None])
+    assert s.n_past == len(IDS)
+    assert np.abs(np.concatenate(got) - full).max() <= 1e-4
+
+
+def test_f16_cache_close_to_f32(synth):
+    a = Model.load(synth["llama"], n_ctx=64, kv_type="f32").logits(IDS)
+    b = Model.load(synth["llama"], n_ctx=64).logits(IDS)
+    assert kl_top1(a, b)[0] < 1e-4
+
+
+def test_rewind_and_reset(synth):
+    m = Model.load(synth["llama"], n_ctx=64, kv_type="f32")
+    s = m.session()
+    s.eval(IDS[:20])
+    want = s.logits().copy()
+    s.eval(IDS[20:30])
+    s.rewind(10)
+    assert s.n_past == 20
+    np.testing.assert_allclose(s.logits(), want, atol=1e-5)  # recomputed after the rewind
+    s.eval([IDS[40]])
+    other = Model.load(synth["llama"], n_ctx=64, kv_type="f32").session()
+    other.eval(IDS[:20] + [IDS[40]])
+    np.testing.assert_allclose(s.logits(), other.logits(), atol=1e-5)
+    with pytest.raises(ValueError):
+        s.rewind(s.n_past + 1)
+    s.reset()
+    assert s.n_past == 0
+    s.eval(IDS[:20])
+    np.testing.assert_allclose(s.logits(), want, atol=1e-5)
+
+
+def test_context_overflow_is_a_clear_error(synth):
+    m = Model.load(synth["llama"], n_ctx=16)
+    s = m.session()
+    with pytest.raises(ValueError, match="context"):
+        s.eval(IDS[:17])
+    s.eval(IDS[:16])
+    with pytest.raises(ValueError, match="context"):
+        s.eval([1])
+    with pytest.raises(ValueError, match="context"):
+        m.logits(IDS[:17])
+
+
+def test_bad_token_id(synth):
+    s = Model.load(synth["llama"], n_ctx=16).session()
+    with pytest.raises(ValueError, match="out of range"):
+        s.eval([512])
+
+
+def test_missing_tensor_and_unsupported_arch(tmp_path):
+    p = write_synthetic(tmp_path / "m.gguf", "qwen3", n_layers=1, drop=("blk.0.attn_k_norm.weight",))
+    with pytest.raises(ValueError, match="blk.0.attn_k_norm.weight"):
+        Model.load(p, n_ctx=16)
+    p = write_synthetic(tmp_path / "m2.gguf", "llama", n_layers=1, drop=("blk.0.ffn_up.weight",))
+    with pytest.raises(ValueError, match="blk.0.ffn_up.weight"):
+        Model.load(p, n_ctx=16)
+    p = write_synthetic(tmp_path / "m3.gguf", "falcon", n_layers=1)
+    with pytest.raises(ValueError, match="falcon"):
+        Model.load(p, n_ctx=16)
+
+
+def test_attention_capture(synth):
+    m = Model.load(synth["qwen2"], n_ctx=64, kv_type="f32")
+    ids = IDS[:12]
+    before = m.logits(ids)
+    maps = m.attention(ids, layers=[1])
+    assert maps.shape == (1, 8, 12, 12)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(maps[0, 0], 1) == 0)  # causal
+    assert np.all(maps[0, :, 0, 0] == pytest.approx(1.0))
+    np.testing.assert_allclose(m.logits(ids), before, atol=1e-5)

@@ -1,0 +1,259 @@
+"""runtime.quant: every block format decoded bit for bit like gguf.quants, and the
+fused dot / matvec / matmul agreeing with float64 dequantize-then-matmul.
+
+Bit for bit means np.array_equal on the float32 bit patterns.  The one exception
+is a NaN produced by arithmetic on a NaN/inf scale (random bytes in an f16 scale
+field): IEEE leaves the sign/payload of such a NaN to the hardware, so there we
+compare with equal_nan=True on values and bitwise on every finite result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from runtime import quant  # noqa: E402
+
+TYPES = sorted(quant._SUPPORTED)
+NAMES = {t: quant.type_name(t) for t in TYPES}
+
+# Byte offsets of the f16 fields (scales and mins) inside one block.
+F16_FIELDS = {
+    quant.GGML_Q4_0: (0,), quant.GGML_Q4_1: (0, 2), quant.GGML_Q5_0: (0,),
+    quant.GGML_Q5_1: (0, 2), quant.GGML_Q8_0: (0,), quant.GGML_Q2_K: (80, 82),
+    quant.GGML_Q3_K: (108,), quant.GGML_Q4_K: (0, 2), quant.GGML_Q5_K: (0, 2),
+    quant.GGML_Q6_K: (208,), quant.GGML_IQ4_NL: (0,), quant.GGML_IQ4_XS: (0,),
+}
+PLAIN = (quant.GGML_F32, quant.GGML_F16, quant.GGML_BF16)
+
+# f16 bit patterns the scales are forced to: zero, -0, smallest/largest subnormal
+# (both signs), negative normals, the largest finite half, small positives.
+SPECIAL_F16 = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x8001, 0x83FF, 0xBC00, 0xC500,
+                        0x7BFF, 0xFBFF, 0x0400, 0x1A8F, 0x2E66, 0x3C00], dtype=np.uint16)
+
+
+def _ref(raw: np.ndarray, tid: int) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(tid))
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def _random_raw(tid: int, n_rows: int, blocks_per_row: int, rng, scales=None) -> np.ndarray:
+    ts = quant.type_size(tid)
+    raw = rng.integers(0, 256, size=(n_rows * blocks_per_row, ts), dtype=np.uint8)
+    if scales is not None:
+        for off in F16_FIELDS.get(tid, ()):
+            pick = rng.choice(scales, size=raw.shape[0])
+            raw[:, off:off + 2] = pick.astype("<u2").view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_rows, blocks_per_row * ts)
+
+
+def _finite_scales(rng, n=64) -> np.ndarray:
+    """Small finite f16 scale patterns (so products stay well inside float32)."""
+    return (rng.standard_normal(n) * 0.02).astype(np.float16).view(np.uint16)
+
+
+def test_f16_conversion_all_65536_patterns():
+    ours = quant._f16_table()
+    ref = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    assert _bits_equal(ours, ref)  # includes subnormals, +-0, +-inf and NaN payloads
+
+
+@pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
+def test_random_blocks_special_scales_bit_exact(tid):
+    rng = np.random.default_rng(tid)
+    bpr = 3 if quant.block_size(tid) > 1 else 96
+    raw = _random_raw(tid, 40, bpr, rng, scales=SPECIAL_F16)
+    ref = _ref(raw, tid)
+    ours = quant.dequantize(raw, tid, ref.shape)
+    assert ours.dtype == np.float32
+    if tid in PLAIN:
+        assert _bits_equal(ours, ref)  # random bytes, NaN payloads included
+    else:
+        assert np.isfinite(ref).all()
+        assert _bits_equal(ours, ref)
+        # every special scale really occurred
+        seen = set(raw.reshape(-1, quant.type_size(tid))[:, F16_FIELDS[tid][0]:][:, :2]
+                   .copy().view("<u2").ravel().tolist())
+        assert len(seen) == len(SPECIAL_F16)
+
+
+@pytest.mark.parametrize("tid", [t for t in TYPES if t not in PLAIN], ids=NAMES.get)
+def test_random_blocks_any_bytes_incl_nan_inf_scales(tid):
+    rng = np.random.default_rng(1000 + tid)
+    raw = _random_raw(tid, 64, 4, rng)
+    # make sure inf and nan scales are in there, not left to chance
+    ts = quant.type_size(tid)
+    blocks = raw.reshape(-1, ts)
+    off = F16_FIELDS[tid][0]
+    for k, bits in enumerate((0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE00)):
+        blocks[k, off:off + 2] = np.array([bits], "<u2").view(np.uint8)
+    ref = _ref(raw, tid)
+    ours = quant.dequantize(raw, tid, ref.shape)
+    assert not np.isfinite(ref).all()
+    assert np.array_equal(ours, ref, equal_nan=True)
+    fin = np.isfinite(ref)
+    assert _bits_equal(ours[fin], ref[fin])
+    assert np.array_equal(np.isnan(ours), np.isnan(ref))
+
+
+@pytest.fixture(scope="session")
+def real_models(smollm2_path, gemma3_path):
+    from runtime.gguf import GGUFFile
+
+    files = [GGUFFile(smollm2_path), GGUFFile(gemma3_path)]
+    yield files
+    for f in files:
+        f.close()
+
+
+def test_every_tensor_of_both_real_models_bit_exact(real_models):
+    seen_types = set()
+    n_tensors = 0
+    for f in real_models:
+        for name, t in f.tensors.items():
+            raw = f.raw(name)
+            # big tensors (token embeddings) in slices of rows: bounded memory
+            step = max(1, (16 << 20) // max(1, raw.shape[1]))
+            for r0 in range(0, raw.shape[0], step):
+                part = raw[r0:r0 + step]
+                ref = _ref(part, t.type_id)
+                ours = quant.dequantize(part, t.type_id, ref.shape)
+                assert _bits_equal(ours, ref), (f.path.name, name, t.type_name, r0)
+            seen_types.add(t.type_name)
+            n_tensors += 1
+    assert {"Q4_1", "Q8_0", "F32", "Q4_K", "Q6_K", "Q5_0"} <= seen_types
+    assert n_tensors > 300
+
+
+def test_dequantize_returns_requested_shape(real_models):
+    f = real_models[0]
+    name = next(n for n, t in f.tensors.items() if len(t.shape) == 1)
+    t = f.tensors[name]
+    out = quant.dequantize(f.raw(name), t.type_id, t.shape)
+    assert out.shape == t.shape and out.dtype == np.float32
+
+
+def _cols_for(tid: int) -> int:
+    bs = quant.block_size(tid)
+    if bs == 1:
+        return 301          # not a multiple of 32 or of the 256-value chunk
+    if bs == 32:
+        return 32 * 11      # a partial last chunk
+    return 256 * 3
+
+
+def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |diff| / max |ref| per output vector (row of out), worst over vectors."""
+    got = np.atleast_2d(got).astype(np.float64)
+    ref = np.atleast_2d(ref)
+    return float((np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)).max())
+
+
+@pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
+def test_fused_kernels_match_float64_reference(tid):
+    rng = np.random.default_rng(2000 + tid)
+    cols = _cols_for(tid)
+    rows = 37
+    bs = quant.block_size(tid)
+    if tid in PLAIN:
+        vals = rng.standard_normal((rows, cols)).astype(np.float32)
+        if tid == quant.GGML_F32:
+            W = vals.view(np.uint8)
+        elif tid == quant.GGML_F16:
+            W = vals.astype(np.float16).view(np.uint8)
+        else:
+            W = (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        W = _random_raw(tid, rows, cols // bs, rng, scales=_finite_scales(rng))
+    Wd = _ref(W, tid).astype(np.float64)
+    assert Wd.shape == (rows, cols) and np.isfinite(Wd).all()
+
+    for n in (1, 3, 17):
+        X = rng.standard_normal((n, cols)).astype(np.float32)
+        out = np.full((n, rows), np.nan, np.float32)
+        quant.matmul(tid, quant._as_u8_readonly(W, 2), X, out)
+        ref = X.astype(np.float64) @ Wd.T
+        assert _rel_err(out, ref) < 1e-5, (n, _rel_err(out, ref))
+
+    x = rng.standard_normal(cols).astype(np.float32)
+    ref = Wd @ x.astype(np.float64)
+    mv = quant.matvec(tid, W, x)
+    assert mv.shape == (rows,) and mv.dtype == np.float32
+    assert _rel_err(mv, ref) < 1e-5
+    d = quant.dot(tid, W[5], x)
+    assert abs(d - ref[5]) <= 1e-5 * np.abs(Wd[5] * x).sum()
+
+
+def test_fused_kernels_on_real_weights(real_models):
+    """matvec (fused) and batched matmul on 64 rows of one real matrix per type and file."""
+    rng = np.random.default_rng(11)
+    checked = set()
+    for f in real_models:
+        for name, t in f.tensors.items():
+            if len(t.shape) != 2 or (f.path.name, t.type_id) in checked:
+                continue
+            checked.add((f.path.name, t.type_id))
+            W = f.raw(name)[:64]
+            Wd = _ref(W, t.type_id).astype(np.float64)
+            X = rng.standard_normal((3, t.shape[1])).astype(np.float32)
+            out = np.empty((3, W.shape[0]), np.float32)
+            quant.matmul(t.type_id, W, X, out)
+            assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 1e-5, (name, t.type_name)
+            mv = quant.matvec(t.type_id, W, X[0])
+            assert _rel_err(mv, Wd @ X[0].astype(np.float64)) < 1e-5, (name, t.type_name)
+    assert {t for _, t in checked} >= {3, 6, 8, 12, 14}  # Q4_1 Q5_0 Q8_0 Q4_K Q6_K
+
+
+def test_matmul_callable_from_other_njit_code():
+    """The engine calls quant.matmul from its own compiled functions."""
+    from numba import njit
+
+    @njit
+    def project(W, X, out):
+        quant.matmul(quant.GGML_Q4_0, W, X, out)
+        return out.sum()
+
+    rng = np.random.default_rng(7)
+    W = quant._as_u8_readonly(_random_raw(quant.GGML_Q4_0, 9, 2, rng, _finite_scales(rng)), 2)
+    X = rng.standard_normal((2, 64)).astype(np.float32)
+    out = np.zeros((2, 9), np.float32)
+    total = project(W, X, out)
+    ref = X.astype(np.float64) @ _ref(W, quant.GGML_Q4_0).astype(np.float64).T
+    assert _rel_err(out, ref) < 1e-5
+    assert abs(total - out.sum()) < 1e-3
+
+
+def test_traits():
+    assert quant.type_name(12) == "Q4_K" and quant.block_size(12) == 256
+    assert quant.type_size(12) == 144 and quant.row_nbytes(12, 512) == 288
+    for tid in TYPES:
+        bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tid)]
+        assert (quant.block_size(tid), quant.type_size(tid)) == (bs, ts)
+        assert quant.type_name(tid) == gguf.GGMLQuantizationType(tid).name
+        assert quant.is_supported(tid)
+    with pytest.raises(ValueError, match="multiple"):
+        quant.row_nbytes(quant.GGML_Q8_0, 33)
+
+
+@pytest.mark.parametrize("tid,name", [(16, "IQ2_XXS"), (9, "Q8_1"), (35, "TQ2_0"), (99, "99")])
+def test_unsupported_type_is_a_clear_error(tid, name):
+    assert not quant.is_supported(tid)
+    with pytest.raises(quant.UnsupportedType, match=name):
+        quant.dequantize(np.zeros(64, np.uint8), tid, (32,))
+    with pytest.raises(ValueError, match=name):
+        quant.matvec(tid, np.zeros((1, 64), np.uint8), np.zeros(32, np.float32))
+
+
+def test_size_mismatch_is_a_value_error():
+    with pytest.raises(ValueError, match="bytes"):
+        quant.dequantize(np.zeros(17, np.uint8), quant.GGML_Q4_0, (32,))
+    with pytest.raises(ValueError, match="multiple"):
+        quant.dequantize(np.zeros(18, np.uint8), quant.GGML_Q4_0, (31,))
+    with pytest.raises(ValueError, match="bytes"):
+        quant.matvec(quant.GGML_Q4_0, np.zeros((2, 17), np.uint8), np.zeros(32, np.float32))
