@@ -6,24 +6,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _model_util import kl_top1, reference_logits, write_synthetic
+from _oracle import kl_stats
+from make_synthetic import write_synthetic  # tools/, put on sys.path by _oracle
+from reference import reference_logits
 from runtime.model import Model
 
 IDS = [int(i) for i in np.random.default_rng(7).integers(0, 512, 48)]
 
-# arch, kv heads (of 8 -> GQA 4 / 8 / 1), tied output, head_dim override, rope scale
+# arch, GQA ratio of 8 query heads (4 / 1 / 8 / 4), tied output, head_dim override, rope scale
 CASES = {
-    "llama": dict(arch="llama", n_kv_heads=2, tied=False),
-    "llama_tied_ropescale": dict(arch="llama", n_kv_heads=8, tied=True, rope_scale=4.0),
-    "qwen2": dict(arch="qwen2", n_kv_heads=1, tied=True),
-    "qwen3": dict(arch="qwen3", n_kv_heads=2, tied=False, head_dim=64),
+    "llama": dict(arch="llama", gqa=4, tied=False),
+    "llama_tied_ropescale": dict(arch="llama", gqa=1, tied=True, rope_scale=4.0),
+    "qwen2": dict(arch="qwen2", gqa=8, tied=True),
+    "qwen3": dict(arch="qwen3", gqa=4, tied=False, head_dim=64),
 }
+
+
+def _write(path, **kw):
+    """A tiny 2-layer model: d 256, 8 heads, ffn 512, vocab 512."""
+    return write_synthetic(path, n_layers=kw.pop("n_layers", 2), d_model=256, n_heads=8, ffn=512,
+                           vocab=512, **kw)
 
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    return {k: write_synthetic(d / f"{k}.gguf", seed=i, **kw) for i, (k, kw) in enumerate(CASES.items())}
+    return {k: _write(d / f"{k}.gguf", seed=i, **kw) for i, (k, kw) in enumerate(CASES.items())}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -33,7 +41,7 @@ def test_matches_numpy_reference(synth, case):
     ref = reference_logits(synth[case], IDS)
     assert ours.shape == (len(IDS), 512) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()
-    kl, top1 = kl_top1(ref, ours)
+    kl, top1 = kl_stats(ref, ours)
     assert kl < 1e-6 and top1 == 1.0
 
 
@@ -52,7 +60,7 @@ def test_incremental_equals_full_pass(synth):
 def test_f16_cache_close_to_f32(synth):
     a = Model.load(synth["llama"], n_ctx=64, kv_type="f32").logits(IDS)
     b = Model.load(synth["llama"], n_ctx=64).logits(IDS)
-    assert kl_top1(a, b)[0] < 1e-4
+    assert kl_stats(a, b)[0] < 1e-4
 
 
 def test_rewind_and_reset(synth):
@@ -95,13 +103,13 @@ def test_bad_token_id(synth):
 
 
 def test_missing_tensor_and_unsupported_arch(tmp_path):
-    p = write_synthetic(tmp_path / "m.gguf", "qwen3", n_layers=1, drop=("blk.0.attn_k_norm.weight",))
+    p = _write(tmp_path / "m.gguf", arch="qwen3", n_layers=1, drop=("blk.0.attn_k_norm.weight",))
     with pytest.raises(ValueError, match="blk.0.attn_k_norm.weight"):
         Model.load(p, n_ctx=16)
-    p = write_synthetic(tmp_path / "m2.gguf", "llama", n_layers=1, drop=("blk.0.ffn_up.weight",))
+    p = _write(tmp_path / "m2.gguf", arch="llama", n_layers=1, drop=("blk.0.ffn_up.weight",))
     with pytest.raises(ValueError, match="blk.0.ffn_up.weight"):
         Model.load(p, n_ctx=16)
-    p = write_synthetic(tmp_path / "m3.gguf", "falcon", n_layers=1)
+    p = _write(tmp_path / "m3.gguf", arch="falcon", n_layers=1)
     with pytest.raises(ValueError, match="falcon"):
         Model.load(p, n_ctx=16)
 

@@ -98,13 +98,14 @@ def _vocab(n: int) -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
-def write_synthetic(path, spec: SynthSpec | None = None, **kw) -> Path:
-    """Write an F32 synthetic GGUF to `path` (spec or keyword fields of SynthSpec)."""
+def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw) -> Path:
+    """Write an F32 synthetic GGUF to `path` (spec or keyword fields of SynthSpec).
+
+    `drop` leaves the named tensors out, and any `arch` string is written as given
+    (llama-shaped tensors): both make broken files for the loader's error tests."""
     import gguf
 
     spec = replace(spec, **kw) if spec else SynthSpec(**kw)
-    if spec.arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"unsupported arch {spec.arch!r}")
     rng = np.random.default_rng(spec.seed)
     d, H, KV, hd, ffn, V = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.hd, spec.ffn, spec.vocab
     for name, n in (("d_model", d), ("n_heads*head_dim", H * hd), ("ffn", ffn)):
@@ -147,6 +148,13 @@ def write_synthetic(path, spec: SynthSpec | None = None, **kw) -> Path:
 
     def vec(n, s=0.1):
         return (s * rng.standard_normal(n)).astype(np.float32)
+
+    add = w.add_tensor
+
+    def add_tensor(name, arr):
+        if name not in drop:
+            add(name, arr)
+    w.add_tensor = add_tensor
 
     # std 4/sqrt(d): tied-output logits get a trained-model-like spread
     emb = mat(V, d, 4.0)
