@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .quant import _bits_as_f32, _f16_bits_to_f32, _f32_as_bits
+from .quant import _bits_as_f32, _f16_bits_to_f32, _f32_as_bits, _half_as_f32
 
 __all__ = ["rms_norm", "rope", "attention", "swiglu", "softmax", "add", "rope_inv_freq",
            "f32_to_f16_bits"]
@@ -51,6 +51,19 @@ def _kv_load_impl(cache, t, g, j):
     if cache.dtype == types.uint16:
         return lambda cache, t, g, j: _f16_bits_to_f32(np.int32(cache[t, g, j]))
     return lambda cache, t, g, j: np.float32(cache[t, g, j])
+
+
+def _kv_f32(v):
+    pass
+
+
+@overload(_kv_f32)
+def _kv_f32_impl(v):
+    """One cache element as float32: half bits by the hardware conversion
+    (exact, and it vectorises), float32 as it is."""
+    if v == types.uint16:
+        return lambda v: _half_as_f32(v)
+    return lambda v: np.float32(v)
 
 
 def _kv_store(cache, t, g, j, v):
@@ -146,6 +159,35 @@ def kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, head_dim_k, head_dim_v)
                 _kv_store(v_cache, t, g, j, v[i, g * head_dim_v + j])
 
 
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _score_row(qv, k_cache, g, L, scale, sc):
+    """sc[t] = scale * (q . K[t]) for t < L; returns max_t sc[t]."""
+    hdk = qv.shape[0]
+    mx = np.float32(-np.inf)
+    for t in range(L):
+        kr = k_cache[t, g]
+        s = np.float32(0.0)
+        for j in range(hdk):
+            s += qv[j] * _kv_f32(kr[j])
+        s *= scale
+        sc[t] = s
+        mx = max(mx, s)
+    return mx
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _weighted_values(p, v_cache, g, L, acc):
+    """acc = sum_t p[t] * V[t] (acc zeroed here)."""
+    hdv = acc.shape[0]
+    for j in range(hdv):
+        acc[j] = 0.0
+    for t in range(L):
+        vr = v_cache[t, g]
+        pt = p[t]
+        for j in range(hdv):
+            acc[j] += pt * _kv_f32(vr[j])
+
+
 @njit(cache=True, parallel=True)
 def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture):
     """Causal GQA attention of n queries at positions n_past.. over the cache.
@@ -153,6 +195,8 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
     q: [n, n_heads*hdk]; caches [ctx, n_kv_heads, hd]; out: [n, n_heads*hdv].
     Query head h reads KV head h // (n_heads / n_kv_heads).  When capture has
     n_heads rows, capture[h, i, t] receives the softmax weights (else pass (0,0,0)).
+    Scores and the weighted sum of values are float32 vector loops (cache rows
+    converted on load); the softmax normaliser is summed in float64.
     """
     n = q.shape[0]
     hdk = k_cache.shape[2]
@@ -164,33 +208,22 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         h = task % n_heads
         g = h // group
         L = n_past + i + 1
-        qo = h * hdk
         sc = np.empty(L, np.float32)
-        mx = np.float32(-np.inf)
-        for t in range(L):
-            s = np.float32(0.0)
-            for j in range(hdk):
-                s += q[i, qo + j] * _kv_load(k_cache, t, g, j)
-            s *= scale
-            sc[t] = s
-            if s > mx:
-                mx = s
+        mx = _score_row(q[i, h * hdk:(h + 1) * hdk], k_cache, g, L, scale, sc)
         tot = 0.0
         for t in range(L):
             e = np.float32(math.exp(sc[t] - mx))
             sc[t] = e
             tot += e
         inv = np.float32(1.0 / tot)
-        acc = np.zeros(hdv, np.float32)
         for t in range(L):
-            p = sc[t] * inv
-            if do_capture:
-                capture[h, i, t] = p
-            for j in range(hdv):
-                acc[j] += p * _kv_load(v_cache, t, g, j)
-        oo = h * hdv
-        for j in range(hdv):
-            out[i, oo + j] = acc[j]
+            sc[t] *= inv
+        if do_capture:
+            for t in range(L):
+                capture[h, i, t] = sc[t]
+        acc = np.empty(hdv, np.float32)
+        _weighted_values(sc, v_cache, g, L, acc)
+        out[i, h * hdv:(h + 1) * hdv] = acc
 
 
 @njit(cache=True)

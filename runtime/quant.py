@@ -148,6 +148,23 @@ def _f32_as_bits(typingctx, v):
 _U32 = np.uint32
 
 
+@intrinsic
+def _half_as_f32(typingctx, bits):
+    """IEEE half (low 16 bits of an integer) -> float32 by LLVM's ``fpext half``.
+
+    Exact for every half (subnormals too); on x86 with F16C it is one
+    vcvtph2ps, and loops over it vectorise.  Used by the fused dot kernels,
+    where the branch-free software decode below cost as much as the dot itself.
+    """
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        h = builder.trunc(args[0], llir.IntType(16))
+        return builder.fpext(builder.bitcast(h, llir.HalfType()), llir.FloatType())
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def _f16_halves_to_f32(lo, hi):
     """IEEE half given as its two bytes -> float32, exactly as numpy's astype.
@@ -171,6 +188,12 @@ def _f16_halves_to_f32(lo, hi):
 def _f16_bits_to_f32(h):
     """IEEE half as an int 0..65535 -> float32 (see _f16_halves_to_f32)."""
     return _f16_halves_to_f32(h & 0xFF, h >> 8)
+
+
+@njit(cache=True, inline="always")
+def _f16_fast(src, o):
+    """float16 at src[o:o+2] as float32 via the hardware conversion (dot kernels)."""
+    return _half_as_f32(_U32(src[o]) | (_U32(src[o + 1]) << _U32(8)))
 
 
 @njit(cache=True, inline="always")
@@ -572,45 +595,53 @@ def _dequantize_kernel(type_id, src, n_blocks, dst):
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 
 
+@njit(cache=True, inline="always")
+def _nibbles(b):
+    """(high, low) nibble of a byte as float32, in float arithmetic.
+
+    numba widens integer ops on bytes to int64, which halves the vector width
+    (8 lanes of i64 instead of 16 of f32); floor(b / 16) and b - 16 * floor
+    are exact in float32 and keep the whole loop in 16-lane float vectors.
+    """
+    f = np.float32(b)
+    hi = np.floor(f * np.float32(0.0625))
+    return hi, f - np.float32(16.0) * hi
+
+
 @njit(cache=True, fastmath=_FM)
-def _rdot_q4_0(w, x, nb):
-    acc = 0.0
+def _rdot_q4_0(w, x, xsum, nb):
+    acc = np.float32(0.0)
     n16 = min(16, x.shape[0])
     for i in range(nb):
         o = i * 18
         xo = i * 32
         s = np.float32(0.0)
         for j in range(n16):
-            b = w[o + 2 + j]
-            s += (np.float32(np.int32(b & 0xF) - 8) * x[xo + j]
-                  + np.float32(np.int32(b >> 4) - 8) * x[xo + 16 + j])
-        acc += _f16(w, o) * s
+            hi, lo = _nibbles(w[o + 2 + j])
+            s += (lo - np.float32(8.0)) * x[xo + j] + (hi - np.float32(8.0)) * x[xo + 16 + j]
+        acc += _f16_fast(w, o) * s
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q4_1(w, x, nb):
+def _rdot_q4_1(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 20
         xo = i * 32
         s = np.float32(0.0)
-        sx = np.float32(0.0)
         for j in range(n16):
-            b = w[o + 4 + j]
-            x0 = x[xo + j]
-            x1 = x[xo + 16 + j]
-            s += np.float32(b & 0xF) * x0 + np.float32(b >> 4) * x1
-            sx += x0 + x1
-        acc += _f16(w, o) * s + _f16(w, o + 2) * sx
+            hi, lo = _nibbles(w[o + 4 + j])
+            s += lo * x[xo + j] + hi * x[xo + 16 + j]
+        acc += _f16_fast(w, o) * s + _f16_fast(w, o + 2) * xsum[i]
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q5_0(w, x, nb):
+def _rdot_q5_0(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 22
         xo = i * 32
@@ -623,37 +654,33 @@ def _rdot_q5_0(w, x, nb):
             hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
             s += (np.float32(np.int32(lo) - 16) * x[xo + j]
                   + np.float32(np.int32(hi) - 16) * x[xo + 16 + j])
-        acc += _f16(w, o) * s
+        acc += _f16_fast(w, o) * s
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q5_1(w, x, nb):
+def _rdot_q5_1(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 24
         xo = i * 32
         qh = (np.uint32(w[o + 4]) | (np.uint32(w[o + 5]) << 8)
               | (np.uint32(w[o + 6]) << 16) | (np.uint32(w[o + 7]) << 24))
         s = np.float32(0.0)
-        sx = np.float32(0.0)
         for j in range(n16):
             b = np.uint32(w[o + 8 + j])
             lo = (b & 0xF) | (((qh >> j) & 1) << 4)
             hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            x0 = x[xo + j]
-            x1 = x[xo + 16 + j]
-            s += np.float32(lo) * x0 + np.float32(hi) * x1
-            sx += x0 + x1
-        acc += _f16(w, o) * s + _f16(w, o + 2) * sx
+            s += np.float32(lo) * x[xo + j] + np.float32(hi) * x[xo + 16 + j]
+        acc += _f16_fast(w, o) * s + _f16_fast(w, o + 2) * xsum[i]
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q8_0(w, x, nb):
+def _rdot_q8_0(w, x, xsum, nb):
     n32 = min(32, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 34
         xo = i * 32
@@ -661,19 +688,19 @@ def _rdot_q8_0(w, x, nb):
         for j in range(n32):
             q = np.int32(np.int8(w[o + 2 + j]))
             s += np.float32(q) * x[xo + j]
-        acc += _f16(w, o) * s
+        acc += _f16_fast(w, o) * s
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q2_k(w, x, nb):
+def _rdot_q2_k(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 84
         xo = i * 256
-        d = _f16(w, o + 80)
-        dmin = _f16(w, o + 82)
+        d = _f16_fast(w, o + 80)
+        dmin = _f16_fast(w, o + 82)
         for h in range(2):
             for k in range(4):
                 for half in range(2):
@@ -692,12 +719,12 @@ def _rdot_q2_k(w, x, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q3_k(w, x, nb):
+def _rdot_q3_k(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 110:i * 110 + 110]
-        d = _f16(blk, 108)
+        d = _f16_fast(blk, 108)
         for h in range(2):
             for k in range(4):
                 hb = h * 4 + k
@@ -719,74 +746,66 @@ def _rdot_q3_k(w, x, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q4_k(w, x, nb):
+def _rdot_q4_k(w, x, xsum, nb):
     n32 = min(32, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 144:i * 144 + 144]
-        d = _f16(blk, 0)
-        dmin = _f16(blk, 2)
+        d = _f16_fast(blk, 0)
+        dmin = _f16_fast(blk, 2)
         for g in range(4):
             qs = blk[16 + g * 32:16 + g * 32 + 32]
-            xs = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
+            xg = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
             s0 = np.float32(0.0)
             s1 = np.float32(0.0)
-            sx0 = np.float32(0.0)
-            sx1 = np.float32(0.0)
             for l in range(n32):
-                b = qs[l]
-                x0 = xs[l]
-                x1 = xs[32 + l]
-                s0 += np.float32(b & 0xF) * x0
-                s1 += np.float32(b >> 4) * x1
-                sx0 += x0
-                sx1 += x1
+                hi, lo = _nibbles(qs[l])
+                x0 = xg[l]
+                x1 = xg[32 + l]
+                s0 += lo * x0
+                s1 += hi * x1
             sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
             sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
-            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * sx0
-            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * sx1
+            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * xsum[i * 8 + 2 * g]
+            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * xsum[i * 8 + 2 * g + 1]
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q5_k(w, x, nb):
+def _rdot_q5_k(w, x, xsum, nb):
     n32 = min(32, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 176:i * 176 + 176]
-        d = _f16(blk, 0)
-        dmin = _f16(blk, 2)
+        d = _f16_fast(blk, 0)
+        dmin = _f16_fast(blk, 2)
         qh = blk[16:48]
         for g in range(4):
             qs = blk[48 + g * 32:48 + g * 32 + 32]
-            xs = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
+            xg = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
             s0 = np.float32(0.0)
             s1 = np.float32(0.0)
-            sx0 = np.float32(0.0)
-            sx1 = np.float32(0.0)
             for l in range(n32):
                 b = qs[l]
                 hb = qh[l]
-                x0 = xs[l]
-                x1 = xs[32 + l]
+                x0 = xg[l]
+                x1 = xg[32 + l]
                 s0 += np.float32((b & 0xF) | (((hb >> (2 * g)) & 1) << 4)) * x0
                 s1 += np.float32((b >> 4) | (((hb >> (2 * g + 1)) & 1) << 4)) * x1
-                sx0 += x0
-                sx1 += x1
             sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
             sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
-            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * sx0
-            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * sx1
+            acc += (d * np.float32(sc0)) * s0 - (dmin * np.float32(mn0)) * xsum[i * 8 + 2 * g]
+            acc += (d * np.float32(sc1)) * s1 - (dmin * np.float32(mn1)) * xsum[i * 8 + 2 * g + 1]
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_q6_k(w, x, nb):
+def _rdot_q6_k(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 210:i * 210 + 210]
-        d = _f16(blk, 208)
+        d = _f16_fast(blk, 208)
         for h in range(2):
             for half in range(2):
                 # 16 weights from each of the four 32-runs t = 0..3 of this half;
@@ -817,10 +836,10 @@ def _rdot_q6_k(w, x, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_iq4_nl(w, x, nb):
+def _rdot_iq4_nl(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
     kv = _IQ4_KVALUES
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         o = i * 18
         xo = i * 32
@@ -828,18 +847,18 @@ def _rdot_iq4_nl(w, x, nb):
         for j in range(n16):
             b = w[o + 2 + j]
             s += kv[b & 0xF] * x[xo + j] + kv[b >> 4] * x[xo + 16 + j]
-        acc += _f16(w, o) * s
+        acc += _f16_fast(w, o) * s
     return acc
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_iq4_xs(w, x, nb):
+def _rdot_iq4_xs(w, x, xsum, nb):
     n16 = min(16, x.shape[0])
     kv = _IQ4_KVALUES
-    acc = 0.0
+    acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 136:i * 136 + 136]
-        d = _f16(blk, 0)
+        d = _f16_fast(blk, 0)
         sh = np.int32(blk[2]) | (np.int32(blk[3]) << 8)
         for j in range(8):
             qs = blk[8 + j * 16:8 + j * 16 + 16]
@@ -856,8 +875,8 @@ def _rdot_iq4_xs(w, x, nb):
 
 # F32 / F16 / BF16 rows: nb is the number of values; float32 sums per 32.
 @njit(cache=True, fastmath=_FM)
-def _rdot_f32(w, x, nb):
-    acc = 0.0
+def _rdot_f32(w, x, xsum, nb):
+    acc = np.float32(0.0)
     for c0 in range(0, nb, 32):
         m = min(32, nb - c0)
         wb = w[4 * c0:4 * (c0 + m)]
@@ -872,8 +891,8 @@ def _rdot_f32(w, x, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_f16(w, x, nb):
-    acc = 0.0
+def _rdot_f16(w, x, xsum, nb):
+    acc = np.float32(0.0)
     for c0 in range(0, nb, 32):
         m = min(32, nb - c0)
         wb = w[2 * c0:2 * (c0 + m)]
@@ -886,8 +905,8 @@ def _rdot_f16(w, x, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rdot_bf16(w, x, nb):
-    acc = 0.0
+def _rdot_bf16(w, x, xsum, nb):
+    acc = np.float32(0.0)
     for c0 in range(0, nb, 32):
         m = min(32, nb - c0)
         wb = w[2 * c0:2 * (c0 + m)]
@@ -900,38 +919,42 @@ def _rdot_bf16(w, x, nb):
 
 
 @njit(cache=True)
-def _row_dot(type_id, w, x, nb):
-    """dequant(w) . x for one row of nb blocks; NaN for an unknown type."""
+def _row_dot(type_id, w, x, xsum, nb):
+    """dequant(w) . x for one row of nb blocks; NaN for an unknown type.
+
+    xsum[k] = sum(x[32k:32k+32]) (see _block_sums): the formats with a per-block
+    minimum need sum(x) per block, which is the same for every row.
+    """
     if type_id == GGML_Q4_0:
-        return _rdot_q4_0(w, x, nb)
+        return _rdot_q4_0(w, x, xsum, nb)
     if type_id == GGML_Q4_1:
-        return _rdot_q4_1(w, x, nb)
+        return _rdot_q4_1(w, x, xsum, nb)
     if type_id == GGML_Q8_0:
-        return _rdot_q8_0(w, x, nb)
+        return _rdot_q8_0(w, x, xsum, nb)
     if type_id == GGML_Q4_K:
-        return _rdot_q4_k(w, x, nb)
+        return _rdot_q4_k(w, x, xsum, nb)
     if type_id == GGML_Q6_K:
-        return _rdot_q6_k(w, x, nb)
+        return _rdot_q6_k(w, x, xsum, nb)
     if type_id == GGML_Q5_0:
-        return _rdot_q5_0(w, x, nb)
+        return _rdot_q5_0(w, x, xsum, nb)
     if type_id == GGML_Q5_1:
-        return _rdot_q5_1(w, x, nb)
+        return _rdot_q5_1(w, x, xsum, nb)
     if type_id == GGML_Q5_K:
-        return _rdot_q5_k(w, x, nb)
+        return _rdot_q5_k(w, x, xsum, nb)
     if type_id == GGML_Q3_K:
-        return _rdot_q3_k(w, x, nb)
+        return _rdot_q3_k(w, x, xsum, nb)
     if type_id == GGML_Q2_K:
-        return _rdot_q2_k(w, x, nb)
+        return _rdot_q2_k(w, x, xsum, nb)
     if type_id == GGML_IQ4_NL:
-        return _rdot_iq4_nl(w, x, nb)
+        return _rdot_iq4_nl(w, x, xsum, nb)
     if type_id == GGML_IQ4_XS:
-        return _rdot_iq4_xs(w, x, nb)
+        return _rdot_iq4_xs(w, x, xsum, nb)
     if type_id == GGML_F32:
-        return _rdot_f32(w, x, nb)
+        return _rdot_f32(w, x, xsum, nb)
     if type_id == GGML_F16:
-        return _rdot_f16(w, x, nb)
+        return _rdot_f16(w, x, xsum, nb)
     if type_id == GGML_BF16:
-        return _rdot_bf16(w, x, nb)
+        return _rdot_bf16(w, x, xsum, nb)
     return np.nan
 
 
@@ -953,6 +976,40 @@ def _dot_chunk(buf, x, c0, m):
     for j in range(m):
         s += buf[j] * xs[j]
     return s
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _dot_chunk4(buf, X, r, c0, m):
+    """_dot_chunk for rows r..r+3 of X at once: each decoded weight is loaded
+    once for four activation rows (four independent vector accumulators)."""
+    x0 = X[r, c0:c0 + m]
+    x1 = X[r + 1, c0:c0 + m]
+    x2 = X[r + 2, c0:c0 + m]
+    x3 = X[r + 3, c0:c0 + m]
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    for j in range(m):
+        b = buf[j]
+        s0 += b * x0[j]
+        s1 += b * x1[j]
+        s2 += b * x2[j]
+        s3 += b * x3[j]
+    return s0, s1, s2, s3
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _block_sums(X, xsum):
+    """xsum[r, k] = sum(X[r, 32k:32k+32]), float32 (the row-independent part of
+    the dot with blocks that carry a minimum: d*sum(q*x) + m*sum(x))."""
+    for r in range(xsum.shape[0]):
+        for k in range(xsum.shape[1]):
+            xr = X[r, 32 * k:32 * k + 32]
+            s = np.float32(0.0)
+            for j in range(32):
+                s += xr[j]
+            xsum[r, k] = s
 
 
 # With this many activation rows or fewer (token-by-token decode), matmul runs the
@@ -987,13 +1044,17 @@ def matmul(type_id, W, X, out):
     # per-task buffers cost nothing.
     n_tasks = min(rows, 128)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
+    xsum = np.empty((n if fused else 0, cols // 32), np.float32)
+    if fused:
+        _block_sums(X, xsum)
+    n4 = n - n % 4
     for t in prange(n_tasks):
         i_end = min(rows, (t + 1) * per_task)
         if fused:
             for i in range(t * per_task, i_end):
                 w = W[i]
                 for r in range(n):
-                    out[r, i] = _row_dot(type_id, w, X[r], nb)
+                    out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
             continue
         buf = np.empty(_CHUNK, np.float32)
         acc = np.empty(n, np.float64)
@@ -1004,7 +1065,13 @@ def matmul(type_id, W, X, out):
             for c0 in range(0, cols, _CHUNK):
                 m = min(_CHUNK, cols - c0)
                 _decode(type_id, w, c0 // bs, m // bs, buf, 0)
-                for r in range(n):
+                for r in range(0, n4, 4):
+                    s0, s1, s2, s3 = _dot_chunk4(buf, X, r, c0, m)
+                    acc[r] += s0
+                    acc[r + 1] += s1
+                    acc[r + 2] += s2
+                    acc[r + 3] += s3
+                for r in range(n4, n):
                     acc[r] += _dot_chunk(buf, X[r], c0, m)
             for r in range(n):
                 out[r, i] = acc[r]

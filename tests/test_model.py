@@ -71,11 +71,13 @@ def test_rewind_and_reset(synth):
     s.eval(IDS[20:30])
     s.rewind(10)
     assert s.n_past == 20
-    np.testing.assert_allclose(s.logits(), want, atol=1e-5)  # recomputed after the rewind
+    # recomputed after the rewind, as one token instead of inside a batch: float32
+    # sums in another order, so equal to float32 rounding, not bit for bit
+    np.testing.assert_allclose(s.logits(), want, atol=1e-4)
     s.eval([IDS[40]])
     other = Model.load(synth["llama"], n_ctx=64, kv_type="f32").session()
     other.eval(IDS[:20] + [IDS[40]])
-    np.testing.assert_allclose(s.logits(), other.logits(), atol=1e-5)
+    np.testing.assert_allclose(s.logits(), other.logits(), atol=1e-4)
     with pytest.raises(ValueError):
         s.rewind(s.n_past + 1)
     s.reset()
