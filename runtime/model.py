@@ -124,9 +124,15 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     hdv = v_cache.shape[2]
     h = np.empty_like(x)
     ops.rms_norm(x, attn_norm, eps, h)
-    q = _linear(h, wq, tq, n_heads * hdk)
-    k = _linear(h, wk, tk, n_kv_heads * hdk)
-    v = _linear(h, wv, tv, n_kv_heads * hdv)
+    if n == 1:  # decode: one parallel launch for the three projections
+        q = np.empty((1, n_heads * hdk), np.float32)
+        k = np.empty((1, n_kv_heads * hdk), np.float32)
+        v = np.empty((1, n_kv_heads * hdv), np.float32)
+        quant.matvec3(tq, wq, tk, wk, tv, wv, h, q, k, v)
+    else:
+        q = _linear(h, wq, tq, n_heads * hdk)
+        k = _linear(h, wk, tk, n_kv_heads * hdk)
+        v = _linear(h, wv, tv, n_kv_heads * hdv)
     if bq.shape[0] > 0:
         ops.add_bias(q, bq)
         ops.add_bias(k, bk)
@@ -142,8 +148,13 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
                   np.float32(1.0 / np.sqrt(hdk)), att, capture)
     ops.add(x, _linear(att, wo, to, d))
     ops.rms_norm(x, ffn_norm, eps, h)
-    gate = _linear(h, wg, tg, wg.shape[0])
-    up = _linear(h, wu, tu, wu.shape[0])
+    if n == 1:
+        gate = np.empty((1, wg.shape[0]), np.float32)
+        up = np.empty((1, wu.shape[0]), np.float32)
+        quant.matvec3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:, :0])
+    else:
+        gate = _linear(h, wg, tg, wg.shape[0])
+        up = _linear(h, wu, tu, wu.shape[0])
     ops.swiglu(gate, up, gate)
     ops.add(x, _linear(gate, wd, td, d))
 

@@ -1020,7 +1020,7 @@ def _block_sums(X, xsum):
 FUSED_MAX_N = 1
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def matmul(type_id, W, X, out):
     """out[r, i] = sum_c dequant(W)[i, c] * X[r, c]  (out = X @ W_deq.T).
 
@@ -1033,32 +1033,79 @@ def matmul(type_id, W, X, out):
     Nothing is validated here (the Python wrappers do): an unknown type id
     leaves `out` untouched, so callers check is_supported first.
     """
+    # Two separate parallel kernels, not one loop body with both paths: with the
+    # chunked path's buffers in the same parallel region the decode matvecs ran
+    # at half speed on two threads (measured, tools/PERF.md).
+    if X.shape[0] <= FUSED_MAX_N:
+        _matmul_fused(type_id, W, X, out)
+    else:
+        _matmul_chunked(type_id, W, X, out)
+
+
+# A fixed task count (not get_num_threads(), which would stop numba caching these
+# functions): enough tasks to balance 16+ threads, few enough that per-task
+# buffers cost nothing.
+_N_TASKS = 128
+
+
+@njit(parallel=True, cache=True)
+def _matmul_fused(type_id, W, X, out):
+    rows = W.shape[0]
+    n = X.shape[0]
+    cols = X.shape[1]
+    nb = cols // _block_size_nb(type_id)
+    xsum = np.empty((n, cols // 32), np.float32)
+    _block_sums(X, xsum)
+    n_tasks = min(rows, _N_TASKS)
+    per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
+    for t in prange(n_tasks):
+        for i in range(t * per_task, min(rows, (t + 1) * per_task)):
+            w = W[i]
+            for r in range(n):
+                out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
+
+
+@njit(parallel=True, cache=True)
+def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
+    """out_k[0] = dequant(W_k) @ x[0] for k = 0..2 in ONE parallel region (decode:
+    Q, K and V, or gate and up with W2 of zero rows).  The K/V matvecs of a small
+    model last a few microseconds, about what launching a parallel region costs,
+    so the three share one launch: tasks split the concatenated rows."""
+    r0 = W0.shape[0]
+    r1 = W1.shape[0]
+    r2 = W2.shape[0]
+    rows = r0 + r1 + r2
+    cols = x.shape[1]
+    xsum = np.empty((1, cols // 32), np.float32)
+    _block_sums(x, xsum)
+    nb0 = cols // _block_size_nb(t0)
+    nb1 = cols // _block_size_nb(t1)
+    nb2 = cols // _block_size_nb(t2)
+    n_tasks = min(rows, _N_TASKS)
+    per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
+    for t in prange(n_tasks):
+        for i in range(t * per_task, min(rows, (t + 1) * per_task)):
+            if i < r0:
+                out0[0, i] = _row_dot(t0, W0[i], x[0], xsum[0], nb0)
+            elif i < r0 + r1:
+                out1[0, i - r0] = _row_dot(t1, W1[i - r0], x[0], xsum[0], nb1)
+            else:
+                out2[0, i - r0 - r1] = _row_dot(t2, W2[i - r0 - r1], x[0], xsum[0], nb2)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_chunked(type_id, W, X, out):
     rows = W.shape[0]
     n = X.shape[0]
     cols = X.shape[1]
     bs = _block_size_nb(type_id)
-    nb = cols // bs
-    fused = n <= FUSED_MAX_N
-    # A fixed task count (not get_num_threads(), which would stop numba caching
-    # this function): enough tasks to balance 16+ threads, few enough that the
-    # per-task buffers cost nothing.
-    n_tasks = min(rows, 128)
+    n_tasks = min(rows, _N_TASKS)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
-    xsum = np.empty((n if fused else 0, cols // 32), np.float32)
-    if fused:
-        _block_sums(X, xsum)
     n4 = n - n % 4
     for t in prange(n_tasks):
-        i_end = min(rows, (t + 1) * per_task)
-        if fused:
-            for i in range(t * per_task, i_end):
-                w = W[i]
-                for r in range(n):
-                    out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
-            continue
         buf = np.empty(_CHUNK, np.float32)
         acc = np.empty(n, np.float64)
-        for i in range(t * per_task, i_end):
+        for i in range(t * per_task, min(rows, (t + 1) * per_task)):
             w = W[i]
             for r in range(n):
                 acc[r] = 0.0

@@ -7,6 +7,11 @@ The weights are random but scaled so that activations stay O(1) and the logits a
 llama.cpp loads the file as an ordinary model.
 
     python tools/make_synthetic.py --arch qwen3 --gqa 3 --tied --out X.gguf
+    python tools/make_synthetic.py --preset bench --out models/synthetic/bench.F32.gguf
+
+``--preset bench`` is the speed benchmark's model (tools/PERF.md): SmolLM2-135M's shape
+(30 layers, tied output, heads of 64, ffn 3x d) with row lengths that are multiples of
+256 (see BENCH_SPEC), so that llama.cpp's Q4_K_M k-quantizes every matrix.
 
 Importable: ``write_synthetic(path, SynthSpec(...))`` / ``write_synthetic(path, arch=..., ...)``.
 """
@@ -187,6 +192,12 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw)
     return Path(path)
 
 
+# The speed benchmark's model: about SmolLM2-135M's size and shape, but every row length
+# a multiple of 256 (SmolLM2's 576 is not), so Q4_K_M k-quantizes every matrix.
+BENCH_SPEC = SynthSpec(arch="llama", n_layers=30, d_model=512, n_heads=8, gqa=4, ffn=1536,
+                       vocab=32768, tied=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
@@ -196,10 +207,14 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--rope-scale", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", choices=["bench"], help="a named spec (overrides the shape flags)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    spec = default_spec(a.arch, a.gqa, a.tied, n_layers=a.layers, vocab=a.vocab,
-                        rope_scale=a.rope_scale, seed=a.seed)
+    if a.preset == "bench":
+        spec = BENCH_SPEC
+    else:
+        spec = default_spec(a.arch, a.gqa, a.tied, n_layers=a.layers, vocab=a.vocab,
+                            rope_scale=a.rope_scale, seed=a.seed)
     write_synthetic(a.out, spec)
     print(f"wrote {a.out}: {spec}")
     return 0
