@@ -387,6 +387,12 @@ class GGUFFile:
         except KeyError:
             raise GGUFError(f"{self.path}: no tensor named {name!r}") from None
 
+    def blob(self) -> np.ndarray:
+        """The whole file as one read-only uint8 array (zero-copy, over the memory map)."""
+        if self._mm is None or self._mm.closed:
+            raise GGUFError(f"{self.path}: file is closed")
+        return np.frombuffer(self._mm, dtype=np.uint8)
+
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy uint8 view of a tensor's bytes, shape (n_rows, row_nbytes)."""
         t = self._tensor(name)

@@ -4,9 +4,10 @@ Weights stay in the GGUF file's blocks (zero-copy uint8 views); every matmul goe
 through ``quant.matmul``, which decodes blocks on the fly.  Only norms and biases
 (tiny, F32) and the embedding rows of the tokens being evaluated are dequantized.
 
-One transformer block is one compiled call (``transformer_block``), so the Python
-loop pays one dispatch per layer, not per operation; prefill runs a block of
-tokens per call (batched matmuls, attention for a block of queries), decode one.
+All layers run in one compiled call (``forward_layers``, which finds each weight
+matrix in the memory-mapped file by offset), so Python pays one dispatch per
+batch of tokens, not per layer or operation; prefill runs up to N_BATCH tokens per
+call (batched matmuls, attention for a block of queries), decode one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 N_BATCH = 256  # tokens per prefill block: bounds scratch memory, keeps matmuls batched
 _EMPTY1 = np.zeros(0, np.float32)
 _EMPTY3 = np.zeros((0, 0, 0), np.float32)
+_EMPTY4 = np.zeros((0, 0, 0, 0), np.float32)
 
 
 @dataclass
@@ -159,6 +161,39 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     ops.add(x, _linear(gate, wd, td, d))
 
 
+# Matrix slots of one layer in Model.mats[layer, slot] = (byte offset, rows, row bytes, type).
+WQ, WK, WV, WO, WG, WU, WD = range(7)
+
+
+@njit(cache=True, inline="always")
+def _mat(blob, m):
+    """Zero-copy (rows, row_bytes) view of one weight matrix inside the mapped file."""
+    return blob[m[0]:m[0] + m[1] * m[2]].reshape((m[1], m[2]))
+
+
+@njit(cache=True)
+def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, q_norm, k_norm,
+                   k_cache, v_cache, n_heads, n_kv_heads, inv_freq, neox, eps, capture, cap_index):
+    """Every transformer block over x[n, d] in one compiled call (no Python per layer).
+
+    blob: the whole GGUF file (read-only uint8 memory map); mats[l, slot]: where
+    each weight matrix lies in it.  Per-layer vectors are rows of 2-D arrays (zero
+    columns when the model has none).  capture[cap_index[l]] receives layer l's
+    attention weights when cap_index[l] >= 0.
+    """
+    empty3 = np.zeros((0, 0, 0), np.float32)
+    for l in range(mats.shape[0]):
+        m = mats[l]
+        ci = cap_index[l]
+        cap = capture[ci] if ci >= 0 else empty3
+        transformer_block(
+            x, pos, n_past, attn_norm[l],
+            _mat(blob, m[WQ]), m[WQ, 3], _mat(blob, m[WK]), m[WK, 3], _mat(blob, m[WV]), m[WV, 3],
+            _mat(blob, m[WO]), m[WO, 3], bq[l], bk[l], bv[l], q_norm[l], k_norm[l], ffn_norm[l],
+            _mat(blob, m[WG]), m[WG, 3], _mat(blob, m[WU]), m[WU, 3], _mat(blob, m[WD]), m[WD, 3],
+            k_cache[l], v_cache[l], n_heads, n_kv_heads, inv_freq, neox, eps, cap)
+
+
 class Model:
     """A GGUF model ready to evaluate: weights mapped, config parsed, kernels shared."""
 
@@ -213,11 +248,30 @@ class Model:
                 ffn_norm=vec(p + "ffn_norm.weight", d),
                 w_gate=linear(p + "ffn_gate.weight", a.ffn_dim, d), w_up=linear(p + "ffn_up.weight", a.ffn_dim, d),
                 w_down=linear(p + "ffn_down.weight", d, a.ffn_dim)))
+        self._pack(t)
         self.embed = linear("token_embd.weight", a.n_vocab, d)
         self.output_norm = vec("output_norm.weight", d)
         self.output = self.embed if a.tied_output else linear("output.weight", a.n_vocab, d)
         self.inv_freq = ops.rope_inv_freq(a.n_rot, a.rope_base, a.rope_freq_scale)
         self.neox = a.rope_style == "neox"
+
+    def _pack(self, t) -> None:
+        """The layers as forward_layers takes them: matrix locations in the file, and
+        the small per-layer vectors stacked (one compiled call then runs all layers)."""
+        g = self.gguf
+        self.blob = g.blob()
+        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        self.mats = np.zeros((len(self.layers), 7, 4), np.int64)
+        for i, L in enumerate(self.layers):
+            for j, (nm, lin) in enumerate(zip(names, (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))):
+                info = t[f"blk.{i}.{nm}.weight"]
+                self.mats[i, j] = (info.offset, lin.w.shape[0], lin.w.shape[1], lin.type_id)
+
+        def stack(field):
+            return np.ascontiguousarray(np.stack([getattr(L, field) for L in self.layers]), np.float32)
+
+        for f in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm"):
+            setattr(self, "_" + f, stack(f))
 
     @classmethod
     def load(cls, path_or_name, n_ctx: int | None = None, kv_type: str = "f16",
@@ -282,10 +336,11 @@ class Model:
         for l in layers:
             if not 0 <= l < a.n_layers:
                 raise ValueError(f"layer {l} out of range (model has {a.n_layers} layers)")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"duplicate layer in {layers}")
         n = len(ids)
         out = np.zeros((len(layers), a.n_heads, n, n), np.float32)
-        caps = {l: out[j] for j, l in enumerate(layers)}
-        self._scratch_session(n).eval(ids, capture=caps)
+        self._scratch_session(n).eval(ids, capture=(out, layers))
         return out
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -344,18 +399,20 @@ class Session:
             return np.zeros((0, m.n_vocab), np.float32) if all_logits else None
         x_all = m.embed_tokens(ids)
         outs = []
+        cap_index = np.full(a.n_layers, -1, np.int64)
+        cap_all = _EMPTY4
+        if capture:  # (out [k, n_heads, n, n], k layer indices): all n tokens in one batch
+            cap_all, cap_layers = capture
+            if cap_all.shape != (len(cap_layers), a.n_heads, n, n) or cap_all.dtype != np.float32:
+                raise ValueError("capture array must be float32 [len(layers), n_heads, n, n]")
+            cap_index[list(cap_layers)] = np.arange(len(cap_layers))
         step = n if capture else N_BATCH
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            for li, L in enumerate(m.layers):
-                cap = capture.get(li, _EMPTY3) if capture else _EMPTY3
-                transformer_block(
-                    x, pos, self.n_past, L.attn_norm, L.wq.w, L.wq.type_id, L.wk.w, L.wk.type_id,
-                    L.wv.w, L.wv.type_id, L.wo.w, L.wo.type_id, L.bq, L.bk, L.bv, L.q_norm, L.k_norm,
-                    L.ffn_norm, L.w_gate.w, L.w_gate.type_id, L.w_up.w, L.w_up.type_id,
-                    L.w_down.w, L.w_down.type_id, self.k_cache[li], self.v_cache[li],
-                    a.n_heads, a.n_kv_heads, m.inv_freq, m.neox, a.rms_eps, cap)
+            forward_layers(x, pos, self.n_past, m.blob, m.mats, m._attn_norm, m._ffn_norm, m._bq, m._bk,
+                           m._bv, m._q_norm, m._k_norm, self.k_cache, self.v_cache, a.n_heads,
+                           a.n_kv_heads, m.inv_freq, m.neox, a.rms_eps, cap_all, cap_index)
             self.n_past += x.shape[0]
             self._last_h = x[-1:].copy()
             if all_logits:
