@@ -112,7 +112,7 @@ class Layer:
 @njit(cache=True)
 def _linear(x, w, type_id, rows):
     out = np.empty((x.shape[0], rows), np.float32)
-    matmul(type_id, w, x, out)
+    quant.matmul_q8(type_id, w, x, out)
     return out
 
 
@@ -355,7 +355,7 @@ class Model:
         hn = np.empty_like(h)
         ops.rms_norm(h, self.output_norm, self.args.rms_eps, hn)
         out = np.empty((h.shape[0], self.n_vocab), np.float32)
-        matmul(self.output.type_id, self.output.w, hn, out)
+        quant.matmul_q8(self.output.type_id, self.output.w, hn, out)
         return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import llvmlite.ir as llir
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
@@ -959,6 +960,204 @@ def _row_dot(type_id, w, x, xsum, nb):
 
 
 # ---------------------------------------------------------------------------
+# Decode with 8-bit activations, as llama.cpp does: x is quantized once per
+# matvec to int8 with one float scale per 32 values (like Q8_0), and each block
+# becomes an integer dot product, sum(q_w * q_x), then one float multiply.  The
+# integer dots are LLVM vector IR (below): on CPUs with AVX-512 VNNI / AVX-VNNI
+# they compile to vpdpbusd (64 u8 x s8 products per instruction); numba's own
+# integer arithmetic widens everything to int64 and cannot get there.
+# Only the engine's decode path uses this (it adds the int8 rounding of x that
+# llama.cpp also adds); matvec / dot and prefill keep float32 activations.
+# ---------------------------------------------------------------------------
+
+def _vec_dot_intrinsic(n, kind):
+    """An intrinsic f(w, wo, shift, q, qo) -> int32: sum over j < n of
+    a_j * q[qo + j], q int8, where a_j is (w[wo + j] >> shift) & 15 ("nib"),
+    or the signed byte w[wo + j] ("s8")."""
+
+    @intrinsic
+    def dot(typingctx, w, wo, shift, q, qo):
+        sig = types.int32(w, wo, shift, q, qo)
+
+        def codegen(context, builder, signature, args):
+            wa, wo_, sh, qa, qo_ = args
+            W = context.make_array(signature.args[0])(context, builder, wa)
+            Q = context.make_array(signature.args[3])(context, builder, qa)
+            i8, i32 = llir.IntType(8), llir.IntType(32)
+            v8, v32 = llir.VectorType(i8, n), llir.VectorType(i32, n)
+            wv = builder.load(builder.bitcast(builder.gep(W.data, [wo_]), v8.as_pointer()), align=1)
+            qv = builder.load(builder.bitcast(builder.gep(Q.data, [qo_]), v8.as_pointer()), align=1)
+            if kind == "nib":
+                shv = builder.insert_element(llir.Constant(v8, None), builder.trunc(sh, i8), llir.Constant(i32, 0))
+                shv = builder.shuffle_vector(shv, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
+                a = builder.zext(builder.and_(builder.lshr(wv, shv), llir.Constant(v8, [15] * n)), v32)
+            else:
+                a = builder.sext(wv, v32)
+            prod = builder.mul(a, builder.sext(qv, v32))
+            fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
+                                                f"llvm.vector.reduce.add.v{n}i32")
+            return builder.call(fn, [prod])
+
+        return sig, codegen
+
+    return dot
+
+
+_nib_dot16 = _vec_dot_intrinsic(16, "nib")
+_nib_dot32 = _vec_dot_intrinsic(32, "nib")
+_s8_dot32 = _vec_dot_intrinsic(32, "s8")
+
+
+@intrinsic
+def _q6_dot16(typingctx, w, lo_o, lo_shift, hi_o, hi_shift, q, qo):
+    """sum over j < 16 of u6_j * q[qo + j] (int32), Q6_K's unsigned 6-bit values
+    u6_j = ((w[lo_o + j] >> lo_shift) & 15) | (((w[hi_o + j] >> hi_shift) & 3) << 4)."""
+    sig = types.int32(w, lo_o, lo_shift, hi_o, hi_shift, q, qo)
+
+    def codegen(context, builder, signature, args):
+        wa, lo_o_, lo_s, hi_o_, hi_s, qa, qo_ = args
+        W = context.make_array(signature.args[0])(context, builder, wa)
+        Q = context.make_array(signature.args[5])(context, builder, qa)
+        n = 16
+        i8, i32 = llir.IntType(8), llir.IntType(32)
+        v8, v32 = llir.VectorType(i8, n), llir.VectorType(i32, n)
+
+        def load(arr, o):
+            return builder.load(builder.bitcast(builder.gep(arr.data, [o]), v8.as_pointer()), align=1)
+
+        def splat(v):
+            x = builder.insert_element(llir.Constant(v8, None), builder.trunc(v, i8), llir.Constant(i32, 0))
+            return builder.shuffle_vector(x, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
+
+        lo = builder.and_(builder.lshr(load(W, lo_o_), splat(lo_s)), llir.Constant(v8, [15] * n))
+        hi = builder.and_(builder.lshr(load(W, hi_o_), splat(hi_s)), llir.Constant(v8, [3] * n))
+        u6 = builder.or_(lo, builder.shl(hi, llir.Constant(v8, [4] * n)))
+        prod = builder.mul(builder.zext(u6, v32), builder.sext(load(Q, qo_), v32))
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
+                                            "llvm.vector.reduce.add.v16i32")
+        return builder.call(fn, [prod])
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath=_FM)
+def quantize_q8(x, bs, xq, xd, xs16):
+    """x[cols] -> int8 blocks of bs values (32 for the legacy formats, like llama.cpp's
+    Q8_0/Q8_1; 256 for the k-quants, like its Q8_K): x ~ xd[k] * xq, xq rounded to
+    nearest with |xq| <= 127 (the block's largest |x| maps to 127), and xs16[j] =
+    sum of xq over each 16 values (the offset terms: sum((q - c) * xq) = dot - c * sum)."""
+    for k in range(x.shape[0] // bs):
+        xb = x[bs * k:bs * k + bs]
+        amax = np.float32(0.0)
+        for j in range(bs):
+            amax = max(amax, abs(xb[j]))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        for j in range(bs):
+            xq[bs * k + j] = np.int32(np.rint(xb[j] * inv))
+        xd[k] = amax / np.float32(127.0)
+    for k in range(x.shape[0] // 16):
+        t = 0
+        for j in range(16):
+            t += np.int32(xq[16 * k + j])
+        xs16[k] = t
+
+
+@njit(cache=True, fastmath=_FM)
+def _qdot_q4_0(w, xq, xd, xs16, xsum, nb):
+    acc = np.float32(0.0)
+    for i in range(nb):
+        o = i * 18
+        isum = (_nib_dot16(w, o + 2, 0, xq, 32 * i) + _nib_dot16(w, o + 2, 4, xq, 32 * i + 16)
+                - 8 * (xs16[2 * i] + xs16[2 * i + 1]))
+        acc += _f16_fast(w, o) * xd[i] * np.float32(isum)
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _qdot_q4_1(w, xq, xd, xs16, xsum, nb):
+    acc = np.float32(0.0)
+    for i in range(nb):
+        o = i * 20
+        isum = _nib_dot16(w, o + 4, 0, xq, 32 * i) + _nib_dot16(w, o + 4, 4, xq, 32 * i + 16)
+        # the min term with the *rounded* x too: the rounding error then enters as
+        # sum(w * err) with the (centred) weights, not sum(d * q * err) with q >= 0
+        acc += xd[i] * (_f16_fast(w, o) * np.float32(isum)
+                        + _f16_fast(w, o + 2) * np.float32(xs16[2 * i] + xs16[2 * i + 1]))
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _qdot_q8_0(w, xq, xd, xs16, xsum, nb):
+    acc = np.float32(0.0)
+    for i in range(nb):
+        o = i * 34
+        acc += _f16_fast(w, o) * xd[i] * np.float32(_s8_dot32(w, o + 2, 0, xq, 32 * i))
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _qdot_q4_k(w, xq, xd, xs16, xsum, nb):
+    acc = np.float32(0.0)
+    for i in range(nb):
+        o = i * 144
+        blk = w[o:o + 144]
+        sd = np.float32(0.0)
+        sm = np.float32(0.0)
+        for g in range(4):
+            k = i * 8 + 2 * g
+            lo = _nib_dot32(w, o + 16 + g * 32, 0, xq, 32 * k)
+            hi = _nib_dot32(w, o + 16 + g * 32, 4, xq, 32 * k + 32)
+            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
+            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
+            sd += np.float32(sc0 * lo + sc1 * hi)
+            # min term from the rounded x, as in _qdot_q4_1
+            sm += np.float32(mn0 * (xs16[2 * k] + xs16[2 * k + 1]) + mn1 * (xs16[2 * k + 2] + xs16[2 * k + 3]))
+        acc += xd[i] * (_f16_fast(w, o) * sd - _f16_fast(w, o + 2) * sm)
+    return acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _qdot_q6_k(w, xq, xd, xs16, xsum, nb):
+    # Q6_K (see _dec_q6_k): weight e = h*128 + t*32 + l (l < 32) has low 4 bits in
+    # ql[h*64 + (t&1)*32 + l] (nibble t>>1) and high 2 bits in qh[h*32 + l] (bits 2t)
+    acc = np.float32(0.0)
+    for i in range(nb):
+        o = i * 210
+        isum = 0
+        for h in range(2):
+            for t in range(4):
+                for half in range(2):
+                    e = i * 256 + h * 128 + t * 32 + half * 16
+                    u = _q6_dot16(w, o + h * 64 + (t & 1) * 32 + half * 16, (t >> 1) * 4,
+                                  o + 128 + h * 32 + half * 16, 2 * t, xq, e)
+                    sc = np.int32(np.int8(w[o + 192 + h * 8 + t * 2 + half]))
+                    isum += sc * (u - 32 * xs16[e // 16])
+        acc += _f16_fast(w, o + 208) * xd[i] * np.float32(isum)
+    return acc
+
+
+@njit(cache=True)
+def _has_q8_dot(type_id):
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
+            or type_id == GGML_Q4_K or type_id == GGML_Q6_K)
+
+
+@njit(cache=True)
+def _row_dot_q8(type_id, w, a32, ak, xsum, nb):
+    """a32 / ak: x as int8 blocks of 32 / 256 (xq, xd, xs16), see _activation_q8."""
+    if type_id == GGML_Q4_K:
+        return _qdot_q4_k(w, ak[0], ak[1], ak[2], xsum, nb)
+    if type_id == GGML_Q6_K:
+        return _qdot_q6_k(w, ak[0], ak[1], ak[2], xsum, nb)
+    xq, xd, xs16 = a32
+    if type_id == GGML_Q4_0:
+        return _qdot_q4_0(w, xq, xd, xs16, xsum, nb)
+    if type_id == GGML_Q4_1:
+        return _qdot_q4_1(w, xq, xd, xs16, xsum, nb)
+    return _qdot_q8_0(w, xq, xd, xs16, xsum, nb)
+
+
+# ---------------------------------------------------------------------------
 # matmul: fused row dots for few activation rows, decode-once-per-chunk for many
 # ---------------------------------------------------------------------------
 
@@ -1037,9 +1236,38 @@ def matmul(type_id, W, X, out):
     # chunked path's buffers in the same parallel region the decode matvecs ran
     # at half speed on two threads (measured, tools/PERF.md).
     if X.shape[0] <= FUSED_MAX_N:
-        _matmul_fused(type_id, W, X, out)
+        _matmul_fused(type_id, W, X, out, False)
     else:
         _matmul_chunked(type_id, W, X, out)
+
+
+@njit(cache=True)
+def matmul_q8(type_id, W, X, out):
+    """matmul, but one-row products (decode) use 8-bit activations where the format
+    has an integer kernel (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), as llama.cpp does."""
+    if X.shape[0] <= FUSED_MAX_N:
+        _matmul_fused(type_id, W, X, out, True)
+    else:
+        _matmul_chunked(type_id, W, X, out)
+
+
+@njit(cache=True)
+def _activation_q8(X, cols, bs):
+    """X[0, :cols] as int8 blocks of bs for _row_dot_q8: (xq, xd, xs16); empty
+    when cols is 0 or not a multiple of bs (no format of that block size fits)."""
+    if cols % bs:
+        cols = 0
+    xq = np.empty(cols, np.int8)
+    xd = np.empty(cols // bs, np.float32)
+    xs16 = np.empty(cols // 16, np.int32)
+    if cols > 0:
+        quantize_q8(X[0, :cols], bs, xq, xd, xs16)
+    return xq, xd, xs16
+
+
+@njit(cache=True, inline="always")
+def _is_k(type_id):
+    return type_id == GGML_Q4_K or type_id == GGML_Q6_K
 
 
 # A fixed task count (not get_num_threads(), which would stop numba caching these
@@ -1049,25 +1277,32 @@ _N_TASKS = 128
 
 
 @njit(parallel=True, cache=True)
-def _matmul_fused(type_id, W, X, out):
+def _matmul_fused(type_id, W, X, out, act_q8):
     rows = W.shape[0]
     n = X.shape[0]
     cols = X.shape[1]
     nb = cols // _block_size_nb(type_id)
     xsum = np.empty((n, cols // 32), np.float32)
     _block_sums(X, xsum)
+    q8 = act_q8 and n == 1 and _has_q8_dot(type_id)
+    a32 = _activation_q8(X, cols if q8 and not _is_k(type_id) else 0, 32)
+    ak = _activation_q8(X, cols if q8 and _is_k(type_id) else 0, 256)
     n_tasks = min(rows, _N_TASKS)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for t in prange(n_tasks):
         for i in range(t * per_task, min(rows, (t + 1) * per_task)):
             w = W[i]
+            if q8:
+                out[0, i] = _row_dot_q8(type_id, w, a32, ak, xsum[0], nb)
+                continue
             for r in range(n):
                 out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
 
 
 @njit(parallel=True, cache=True)
 def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
-    """out_k[0] = dequant(W_k) @ x[0] for k = 0..2 in ONE parallel region (decode:
+    """out_k[0] = dequant(W_k) @ x[0] for k = 0..2 in ONE parallel region (decode,
+    8-bit activations like matmul_q8:
     Q, K and V, or gate and up with W2 of zero rows).  The K/V matvecs of a small
     model last a few microseconds, about what launching a parallel region costs,
     so the three share one launch: tasks split the concatenated rows."""
@@ -1078,19 +1313,38 @@ def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
     cols = x.shape[1]
     xsum = np.empty((1, cols // 32), np.float32)
     _block_sums(x, xsum)
+    legacy = (_has_q8_dot(t0) and not _is_k(t0)) or (_has_q8_dot(t1) and not _is_k(t1)) or (
+        r2 > 0 and _has_q8_dot(t2) and not _is_k(t2))
+    kq = _is_k(t0) or _is_k(t1) or (r2 > 0 and _is_k(t2))
+    a32 = _activation_q8(x, cols if legacy else 0, 32)
+    ak = _activation_q8(x, cols if kq else 0, 256)
     nb0 = cols // _block_size_nb(t0)
     nb1 = cols // _block_size_nb(t1)
     nb2 = cols // _block_size_nb(t2)
+    q0 = _has_q8_dot(t0)
+    q1 = _has_q8_dot(t1)
+    q2 = _has_q8_dot(t2)
     n_tasks = min(rows, _N_TASKS)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for t in prange(n_tasks):
         for i in range(t * per_task, min(rows, (t + 1) * per_task)):
             if i < r0:
-                out0[0, i] = _row_dot(t0, W0[i], x[0], xsum[0], nb0)
+                if q0:
+                    out0[0, i] = _row_dot_q8(t0, W0[i], a32, ak, xsum[0], nb0)
+                else:
+                    out0[0, i] = _row_dot(t0, W0[i], x[0], xsum[0], nb0)
             elif i < r0 + r1:
-                out1[0, i - r0] = _row_dot(t1, W1[i - r0], x[0], xsum[0], nb1)
+                j = i - r0
+                if q1:
+                    out1[0, j] = _row_dot_q8(t1, W1[j], a32, ak, xsum[0], nb1)
+                else:
+                    out1[0, j] = _row_dot(t1, W1[j], x[0], xsum[0], nb1)
             else:
-                out2[0, i - r0 - r1] = _row_dot(t2, W2[i - r0 - r1], x[0], xsum[0], nb2)
+                j = i - r0 - r1
+                if q2:
+                    out2[0, j] = _row_dot_q8(t2, W2[j], a32, ak, xsum[0], nb2)
+                else:
+                    out2[0, j] = _row_dot(t2, W2[j], x[0], xsum[0], nb2)
 
 
 @njit(parallel=True, cache=True)

@@ -76,6 +76,32 @@ def test_synthetic(llama_cpp, ftype, arch, gqa, tied, report):
     _check(llama_cpp, path, ids, ftype, report, f"{ftype}-{arch}-gqa{gqa}" + ("-tied" if tied else ""))
 
 
+DECODE = [("smollm2-Q4_1", None, None), ("Q4_K_M", "llama", 3), ("Q6_K", "qwen3", 1),
+          ("Q4_0", "qwen2", 8), ("Q8_0", "llama", 1)]
+
+
+@pytest.mark.parametrize("label,arch,gqa", DECODE, ids=[d[0] for d in DECODE])
+def test_decode_path(llama_cpp, smollm2_path, wiki_ids, label, arch, gqa, report):
+    """Token-by-token decode (8-bit activations in the Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matvecs)
+    meets the same bar against llama.cpp as batched evaluation."""
+    if arch is None:
+        path, ids = smollm2_path, wiki_ids[:96]
+    else:
+        path, ids = synthetic_model(arch, gqa, False, label), wikitext_ids(n=96, vocab=512)
+    lc = llamacpp_logits(llama_cpp, path, ids)
+    s = Model.load(path, n_ctx=128).session()
+    ours = []
+    for t in ids:
+        s.eval([t])
+        ours.append(s.logits())
+    ours = np.stack(ours)
+    kl, top1 = kl_stats(lc, ours)
+    kl_ref, top1_ref = kl_stats(lc, reference_logits(path, ids))
+    report.append(("decode " + label + ("" if arch is None else f"-{arch}-gqa{gqa}"), kl, top1, kl_ref, top1_ref))
+    assert kl <= 1.5 * kl_ref + 1e-5, (kl, kl_ref)
+    assert top1 >= top1_ref - 0.02, (top1, top1_ref)
+
+
 def test_greedy_paris(smollm2_path):
     m = Model.load(smollm2_path, n_ctx=256)
     s = m.session()

@@ -190,6 +190,58 @@ def test_fused_kernels_match_float64_reference(tid):
     assert abs(d - ref[5]) <= 1e-5 * np.abs(Wd[5] * x).sum()
 
 
+def _weights_for(tid, rows, cols, rng):
+    if tid in PLAIN:
+        vals = rng.standard_normal((rows, cols)).astype(np.float32)
+        if tid == quant.GGML_F32:
+            return vals.view(np.uint8)
+        if tid == quant.GGML_F16:
+            return vals.astype(np.float16).view(np.uint8)
+        return (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    return _random_raw(tid, rows, cols // quant.block_size(tid), rng, scales=_finite_scales(rng))
+
+
+def _q8_blocks(x, bs):
+    """numpy model of quant.quantize_q8: per bs values d = amax/127, q = rint(x*127/amax)."""
+    xb = x.reshape(-1, bs)
+    amax = np.abs(xb).max(1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv[:, None])
+    d = (amax / np.float32(127)).astype(np.float32)
+    return q, d
+
+
+@pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
+def test_matmul_q8_decode_path(tid):
+    """The engine's decode matvec (8-bit activations for Q4_0/Q4_1/Q8_0/Q4_K/Q6_K):
+    exact on activations that int8 blocks represent exactly, equal to a numpy model
+    of the rounding otherwise, and within Q8 rounding of the float result."""
+    rng = np.random.default_rng(3000 + tid)
+    cols = _cols_for(tid)
+    rows = 37
+    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    Wd = _ref(W, tid).astype(np.float64)
+    out = np.full((1, rows), np.nan, np.float32)
+
+    # integers in [-127, 127] with one of them +-127 per 32 (so per 256), times a power of two
+    q = rng.integers(-127, 128, cols).astype(np.float32)
+    q[::32] = 127 * np.sign(q[::32] + 0.5)
+    x = (q * np.float32(2.0 ** -7)).reshape(1, cols)
+    quant.matmul_q8(tid, W, x, out)
+    assert _rel_err(out, x.astype(np.float64) @ Wd.T) < 1e-5
+
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    quant.matmul_q8(tid, W, x, out)
+    exact = x.astype(np.float64) @ Wd.T
+    assert _rel_err(out, exact) < 3e-2
+    if tid in (quant.GGML_Q4_0, quant.GGML_Q4_1, quant.GGML_Q8_0, quant.GGML_Q4_K, quant.GGML_Q6_K):
+        # the whole product with x rounded to int8 blocks: of 256 for k-quants (llama.cpp's
+        # Q8_K), of 32 for the legacy formats (Q8_0 / Q8_1)
+        qx, d = _q8_blocks(x[0], 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32)
+        model = Wd @ (qx * d[:, None].astype(np.float64)).reshape(-1)
+        assert _rel_err(out, model[None]) < 1e-5
+
+
 def test_fused_kernels_on_real_weights(real_models):
     """matvec (fused) and batched matmul on 64 rows of one real matrix per type and file."""
     rng = np.random.default_rng(11)
