@@ -77,6 +77,9 @@ _OTHER_NAMES = {
 }
 
 _CHUNK = 256  # weights decoded at a time per row (one k-quant super-block, 8 legacy blocks)
+# Prefill decodes 1024 weights of 4 rows at a time (16 KiB, in L1): a multiple of
+# every block size, and long enough that the 16 horizontal sums per tile are cheap.
+_PREFILL_CHUNK = 1024
 
 
 class UnsupportedType(ValueError):
@@ -970,10 +973,9 @@ def _row_dot(type_id, w, x, xsum, nb):
 # llama.cpp also adds); matvec / dot and prefill keep float32 activations.
 # ---------------------------------------------------------------------------
 
-def _vec_dot_intrinsic(n, kind):
+def _nib_dot_intrinsic(n):
     """An intrinsic f(w, wo, shift, q, qo) -> int32: sum over j < n of
-    a_j * q[qo + j], q int8, where a_j is (w[wo + j] >> shift) & 15 ("nib"),
-    or the signed byte w[wo + j] ("s8")."""
+    a_j * q[qo + j], q int8, where a_j is (w[wo + j] >> shift) & 15."""
 
     @intrinsic
     def dot(typingctx, w, wo, shift, q, qo):
@@ -987,12 +989,9 @@ def _vec_dot_intrinsic(n, kind):
             v8, v32 = llir.VectorType(i8, n), llir.VectorType(i32, n)
             wv = builder.load(builder.bitcast(builder.gep(W.data, [wo_]), v8.as_pointer()), align=1)
             qv = builder.load(builder.bitcast(builder.gep(Q.data, [qo_]), v8.as_pointer()), align=1)
-            if kind == "nib":
-                shv = builder.insert_element(llir.Constant(v8, None), builder.trunc(sh, i8), llir.Constant(i32, 0))
-                shv = builder.shuffle_vector(shv, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
-                a = builder.zext(builder.and_(builder.lshr(wv, shv), llir.Constant(v8, [15] * n)), v32)
-            else:
-                a = builder.sext(wv, v32)
+            shv = builder.insert_element(llir.Constant(v8, None), builder.trunc(sh, i8), llir.Constant(i32, 0))
+            shv = builder.shuffle_vector(shv, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
+            a = builder.zext(builder.and_(builder.lshr(wv, shv), llir.Constant(v8, [15] * n)), v32)
             prod = builder.mul(a, builder.sext(qv, v32))
             fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
                                                 f"llvm.vector.reduce.add.v{n}i32")
@@ -1003,9 +1002,8 @@ def _vec_dot_intrinsic(n, kind):
     return dot
 
 
-_nib_dot16 = _vec_dot_intrinsic(16, "nib")
-_nib_dot32 = _vec_dot_intrinsic(32, "nib")
-_s8_dot32 = _vec_dot_intrinsic(32, "s8")
+_nib_dot16 = _nib_dot_intrinsic(16)
+_nib_dot32 = _nib_dot_intrinsic(32)
 
 
 @intrinsic
@@ -1087,15 +1085,6 @@ def _qdot_q4_1(w, xq, xd, xs16, xsum, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _qdot_q8_0(w, xq, xd, xs16, xsum, nb):
-    acc = np.float32(0.0)
-    for i in range(nb):
-        o = i * 34
-        acc += _f16_fast(w, o) * xd[i] * np.float32(_s8_dot32(w, o + 2, 0, xq, 32 * i))
-    return acc
-
-
-@njit(cache=True, fastmath=_FM)
 def _qdot_q4_k(w, xq, xd, xs16, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
@@ -1138,7 +1127,9 @@ def _qdot_q6_k(w, xq, xd, xs16, xsum, nb):
 
 @njit(cache=True)
 def _has_q8_dot(type_id):
-    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
+    # Q8_0 x int8 has no unsigned operand for vpdpbusd and measured slower than
+    # the float kernel, so Q8_0 weights keep float activations
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1
             or type_id == GGML_Q4_K or type_id == GGML_Q6_K)
 
 
@@ -1152,9 +1143,7 @@ def _row_dot_q8(type_id, w, a32, ak, xsum, nb):
     xq, xd, xs16 = a32
     if type_id == GGML_Q4_0:
         return _qdot_q4_0(w, xq, xd, xs16, xsum, nb)
-    if type_id == GGML_Q4_1:
-        return _qdot_q4_1(w, xq, xd, xs16, xsum, nb)
-    return _qdot_q8_0(w, xq, xd, xs16, xsum, nb)
+    return _qdot_q4_1(w, xq, xd, xs16, xsum, nb)
 
 
 # ---------------------------------------------------------------------------
@@ -1196,6 +1185,53 @@ def _dot_chunk4(buf, X, r, c0, m):
         s2 += b * x2[j]
         s3 += b * x3[j]
     return s0, s1, s2, s3
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _dot_chunk4x4(buf, X, r, c0, m):
+    """4 decoded weight rows (buf[0..3, :m]) times rows r..r+3 of X: 16 sums.
+
+    A register tile: every loaded weight vector meets four activation vectors and
+    every activation vector four weight vectors (8 loads per 16 multiply-adds, 16
+    vector accumulators), so prefill runs near the FMA units' rate instead of
+    waiting on loads as one weight row at a time does."""
+    w0 = buf[0, :m]
+    w1 = buf[1, :m]
+    w2 = buf[2, :m]
+    w3 = buf[3, :m]
+    x0 = X[r, c0:c0 + m]
+    x1 = X[r + 1, c0:c0 + m]
+    x2 = X[r + 2, c0:c0 + m]
+    x3 = X[r + 3, c0:c0 + m]
+    z = np.float32(0.0)
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = z
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = z
+    for j in range(m):
+        a0 = w0[j]
+        a1 = w1[j]
+        a2 = w2[j]
+        a3 = w3[j]
+        b0 = x0[j]
+        b1 = x1[j]
+        b2 = x2[j]
+        b3 = x3[j]
+        s00 += a0 * b0
+        s01 += a0 * b1
+        s02 += a0 * b2
+        s03 += a0 * b3
+        s10 += a1 * b0
+        s11 += a1 * b1
+        s12 += a1 * b2
+        s13 += a1 * b3
+        s20 += a2 * b0
+        s21 += a2 * b1
+        s22 += a2 * b2
+        s23 += a2 * b3
+        s30 += a3 * b0
+        s31 += a3 * b1
+        s32 += a3 * b2
+        s33 += a3 * b3
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -1244,7 +1280,7 @@ def matmul(type_id, W, X, out):
 @njit(cache=True)
 def matmul_q8(type_id, W, X, out):
     """matmul, but one-row products (decode) use 8-bit activations where the format
-    has an integer kernel (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), as llama.cpp does."""
+    has an integer kernel (Q4_0, Q4_1, Q4_K, Q6_K), as llama.cpp does."""
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
     else:
@@ -1357,25 +1393,38 @@ def _matmul_chunked(type_id, W, X, out):
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     n4 = n - n % 4
     for t in prange(n_tasks):
-        buf = np.empty(_CHUNK, np.float32)
-        acc = np.empty(n, np.float64)
-        for i in range(t * per_task, min(rows, (t + 1) * per_task)):
-            w = W[i]
-            for r in range(n):
-                acc[r] = 0.0
-            for c0 in range(0, cols, _CHUNK):
-                m = min(_CHUNK, cols - c0)
-                _decode(type_id, w, c0 // bs, m // bs, buf, 0)
-                for r in range(0, n4, 4):
-                    s0, s1, s2, s3 = _dot_chunk4(buf, X, r, c0, m)
-                    acc[r] += s0
-                    acc[r + 1] += s1
-                    acc[r + 2] += s2
-                    acc[r + 3] += s3
-                for r in range(n4, n):
-                    acc[r] += _dot_chunk(buf, X[r], c0, m)
-            for r in range(n):
-                out[r, i] = acc[r]
+        buf = np.empty((4, _PREFILL_CHUNK), np.float32)
+        acc = np.empty((4, n), np.float64)
+        i0 = t * per_task
+        i_end = min(rows, (t + 1) * per_task)
+        while i0 < i_end:
+            k = min(4, i_end - i0)  # weight rows in this tile
+            acc[:, :] = 0.0
+            for c0 in range(0, cols, _PREFILL_CHUNK):
+                m = min(_PREFILL_CHUNK, cols - c0)
+                for a in range(k):
+                    _decode(type_id, W[i0 + a], c0 // bs, m // bs, buf[a], 0)
+                if k == 4:
+                    for r in range(0, n4, 4):
+                        s = _dot_chunk4x4(buf, X, r, c0, m)
+                        for a in range(4):
+                            for b in range(4):
+                                acc[a, r + b] += s[4 * a + b]
+                else:
+                    for a in range(k):
+                        for r in range(0, n4, 4):
+                            s0, s1, s2, s3 = _dot_chunk4(buf[a], X, r, c0, m)
+                            acc[a, r] += s0
+                            acc[a, r + 1] += s1
+                            acc[a, r + 2] += s2
+                            acc[a, r + 3] += s3
+                for a in range(k):
+                    for r in range(n4, n):
+                        acc[a, r] += _dot_chunk(buf[a], X[r], c0, m)
+            for a in range(k):
+                for r in range(n):
+                    out[r, i0 + a] = acc[a, r]
+            i0 += k
 
 
 # ---------------------------------------------------------------------------

@@ -82,7 +82,7 @@ DECODE = [("smollm2-Q4_1", None, None), ("Q4_K_M", "llama", 3), ("Q6_K", "qwen3"
 
 @pytest.mark.parametrize("label,arch,gqa", DECODE, ids=[d[0] for d in DECODE])
 def test_decode_path(llama_cpp, smollm2_path, wiki_ids, label, arch, gqa, report):
-    """Token-by-token decode (8-bit activations in the Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matvecs)
+    """Token-by-token decode (8-bit activations in the Q4_0/Q4_1/Q4_K/Q6_K matvecs)
     meets the same bar against llama.cpp as batched evaluation."""
     if arch is None:
         path, ids = smollm2_path, wiki_ids[:96]

@@ -213,7 +213,7 @@ def _q8_blocks(x, bs):
 
 @pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
 def test_matmul_q8_decode_path(tid):
-    """The engine's decode matvec (8-bit activations for Q4_0/Q4_1/Q8_0/Q4_K/Q6_K):
+    """The engine's decode matvec (8-bit activations for Q4_0/Q4_1/Q4_K/Q6_K):
     exact on activations that int8 blocks represent exactly, equal to a numpy model
     of the rounding otherwise, and within Q8 rounding of the float result."""
     rng = np.random.default_rng(3000 + tid)
@@ -234,7 +234,7 @@ def test_matmul_q8_decode_path(tid):
     quant.matmul_q8(tid, W, x, out)
     exact = x.astype(np.float64) @ Wd.T
     assert _rel_err(out, exact) < 3e-2
-    if tid in (quant.GGML_Q4_0, quant.GGML_Q4_1, quant.GGML_Q8_0, quant.GGML_Q4_K, quant.GGML_Q6_K):
+    if tid in (quant.GGML_Q4_0, quant.GGML_Q4_1, quant.GGML_Q4_K, quant.GGML_Q6_K):
         # the whole product with x rounded to int8 blocks: of 256 for k-quants (llama.cpp's
         # Q8_K), of 32 for the legacy formats (Q8_0 / Q8_1)
         qx, d = _q8_blocks(x[0], 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32)
