@@ -292,7 +292,8 @@ class Model:
         n_ctx = int(n_ctx)
         from .memory import check_host_memory
         check_host_memory(g, n_ctx, kv_type)
-        set_threads(n_threads)
+        if n_threads:  # else keep the current setting (all cores unless -t / set_threads said otherwise)
+            set_threads(n_threads)
         return cls(g, args, n_ctx, kv_type)
 
     # -- tokenizer -----------------------------------------------------------

@@ -1,0 +1,203 @@
+"""`python -m runtime bench`: prompt processing (pp) and generation (tg) speed, like llama-bench.
+
+pp N: N token ids evaluated in one call from an empty cache, plus the logits of the
+last position (what a prompt costs).  tg N: N single-token steps from an empty cache,
+each ending with that token's logits (what generation costs, sampling excluded).
+Each test runs after an untimed warm-up (numba loads or compiles its kernels there;
+that time is reported as `load_s`), is repeated -r times, and is reported as the
+median tokens/s with min and max.  `--vs-llamacpp` runs llama-cpp-python on the same
+file, threads, token ids and context in the same process and prints ours / llama.cpp.
+The token ids are pseudo-random (fixed seed), as llama-bench's are: speed does not
+depend on them, and no tokenizer or sampler time is measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _ids(n: int, n_vocab: int, seed: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(0, n_vocab, n)]
+
+
+def _stats(tps: list[float]) -> dict:
+    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "samples": tps}
+
+
+class _Ours:
+    name = "ours"
+
+    def __init__(self, path, n_ctx, threads):
+        from .model import Model
+
+        self.model = Model.load(path, n_ctx=n_ctx, n_threads=threads)
+        self.session = self.model.session()
+        self.n_vocab = self.model.n_vocab
+
+    def reset(self):
+        self.session.reset()
+
+    def prompt(self, ids):
+        self.session.eval(ids)
+        self.session.logits()
+
+    def step(self, tok):
+        self.session.eval([tok])
+        self.session.logits()
+
+
+class _LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, n_ctx, threads, n_batch):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise RuntimeError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[test]')") from None
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                   n_threads=threads, n_threads_batch=threads, logits_all=False,
+                                   verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def reset(self):
+        self.llm.reset()
+
+    def prompt(self, ids):
+        self.llm.eval(ids)  # computes the last position's logits
+
+    def step(self, tok):
+        self.llm.eval([tok])
+
+
+def _run(engine, n_prompt: int, n_gen: int, reps: int, seed: int) -> dict:
+    """Warm-up, then the timed repetitions of pp and tg; tokens/s per repetition."""
+    p_ids = _ids(n_prompt, engine.n_vocab, seed)
+    g_ids = _ids(n_gen + 1, engine.n_vocab, seed + 1)
+    t0 = time.perf_counter()
+    engine.reset()  # warm-up: both code paths (a batch and single tokens) once
+    engine.prompt(_ids(min(max(n_prompt, 2), 16), engine.n_vocab, seed + 2))
+    for t in g_ids[:2]:
+        engine.step(t)
+    out = {"load_s": time.perf_counter() - t0}
+    if n_prompt > 0:
+        tps = []
+        for _ in range(reps):
+            engine.reset()
+            t = time.perf_counter()
+            engine.prompt(p_ids)
+            tps.append(n_prompt / (time.perf_counter() - t))
+        out[f"pp{n_prompt}"] = _stats(tps)
+    if n_gen > 0:
+        tps = []
+        for _ in range(reps):
+            engine.reset()
+            t = time.perf_counter()
+            for tok in g_ids[:n_gen]:
+                engine.step(tok)
+            tps.append(n_gen / (time.perf_counter() - t))
+        out[f"tg{n_gen}"] = _stats(tps)
+    return out
+
+
+def _commit() -> str | None:
+    """The source's git commit (+"-dirty" with uncommitted changes), for PERF.md records."""
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                           capture_output=True, text=True, timeout=5)
+        if r.returncode != 0 or not r.stdout.strip():
+            return None
+        d = subprocess.run(["git", "status", "--porcelain", "-uno", "--", "."], cwd=here,
+                           capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False, seed=1234,
+          progress=None) -> dict:
+    """Run the benchmark; returns every number (the --json document)."""
+    from .gguf import GGUFFile
+    from .threads import default_threads, set_threads
+
+    if n_prompt < 0 or n_gen < 0:
+        raise ValueError("-p and -n must be >= 0")
+    if n_prompt == 0 and n_gen == 0:
+        raise ValueError("nothing to measure: -p and -n are both 0")
+    if reps < 1:
+        raise ValueError("-r/--repetitions must be >= 1")
+    threads = set_threads(threads or default_threads())
+    path = Path(path)
+    n_ctx = max(n_prompt, n_gen + 1, 16) + 16
+    say = progress or (lambda msg: None)
+    g = GGUFFile(path)
+    doc = {
+        "model": path.name, "path": str(path), "file_size": path.stat().st_size,
+        "architecture": g.arch, "n_params": int(sum(int(np.prod(t.shape)) for t in g.tensors.values())),
+        "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
+        "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tests": {},
+    }
+    say(f"ours: {path.name}, {threads} threads")
+    ours = _run(_Ours(path, n_ctx, threads), n_prompt, n_gen, reps, seed)
+    doc["load_s"] = ours.pop("load_s")
+    for test, st in ours.items():
+        doc["tests"][test] = {"ours": st}
+    if vs_llamacpp:
+        say("llama.cpp: same file, threads and token ids")
+        lc = _run(_LlamaCpp(path, n_ctx, threads, max(n_prompt, 32)), n_prompt, n_gen, reps, seed)
+        doc["llamacpp_load_s"] = lc.pop("load_s")
+        for test, st in lc.items():
+            doc["tests"][test]["llamacpp"] = st
+            doc["tests"][test]["ratio"] = doc["tests"][test]["ours"]["median"] / st["median"]
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    """llama-bench style table, under 80 columns."""
+    size = doc["file_size"] / 2**20
+    name = doc["model"] if len(doc["model"]) <= 79 else doc["model"][:38] + "~" + doc["model"][-40:]
+    lines = [name, f"{size:.1f} MiB, {doc['n_params'] / 1e6:.1f} M params, {doc['threads']} threads, "
+                   f"warm-up {doc['load_s']:.2f} s"]
+    vs = any("llamacpp" in t for t in doc["tests"].values())
+    head = f"{'test':>7} | {'ours t/s (min..max)':>25}"
+    if vs:
+        head += f" | {'llama.cpp t/s':>14} | {'ratio':>5}"
+    lines += [head, "-" * len(head)]
+    for test, t in doc["tests"].items():
+        o = t["ours"]
+        row = f"{test:>7} | " + f"{o['median']:.1f} ({o['min']:.1f}..{o['max']:.1f})".rjust(25)
+        if vs:
+            row += f" | {t['llamacpp']['median']:14.1f} | {t['ratio']:5.2f}"
+        lines.append(row)
+    lines.append(f"median of {doc['repetitions']} repetitions (min..max)"
+                 + (f"; commit {doc['commit']}" if doc.get("commit") else ""))
+    return "\n".join(lines)
+
+
+def cli_bench(args) -> int:
+    from .registry import resolve_model
+
+    path = resolve_model(args.model)
+    quiet = args.json
+
+    def progress(msg):
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    doc = bench(path, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
+                reps=args.repetitions, vs_llamacpp=args.vs_llamacpp, progress=progress)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_table(doc))
+    return 0

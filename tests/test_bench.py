@@ -1,0 +1,82 @@
+"""`python -m runtime bench`: the llama-bench style numbers, --json, --vs-llamacpp, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _oracle import synthetic_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "runtime", "bench", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _check_stats(st, reps):
+    assert len(st["samples"]) == reps
+    assert all(math.isfinite(v) and v > 0 for v in st["samples"])
+    assert st["min"] <= st["median"] <= st["max"]
+    assert st["min"] == min(st["samples"]) and st["max"] == max(st["samples"])
+
+
+def test_json_numbers():
+    path = synthetic_model("llama", 1, False, "F32")
+    r = _bench(path, "-p", 16, "-n", 4, "-r", 2, "-t", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["model"] == path.name and doc["threads"] == 1 and doc["repetitions"] == 2
+    assert doc["file_size"] == path.stat().st_size and doc["n_params"] > 0
+    assert set(doc["tests"]) == {"pp16", "tg4"}
+    for t in doc["tests"].values():
+        assert set(t) == {"ours"}
+        _check_stats(t["ours"], 2)
+    assert doc["load_s"] >= 0
+
+
+def test_table_and_skipping_a_test():
+    path = synthetic_model("qwen2", 1, True, "F32")
+    r = _bench(path, "-p", 0, "-n", 3, "-r", 1)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.strip().startswith("tg3 |") for l in lines)
+    assert not any("pp" in l.split("|")[0] for l in lines if "|" in l)  # -p 0 skips pp
+    assert all(len(l) <= 80 for l in lines)
+
+
+def test_vs_llamacpp_ratio(llama_cpp):
+    path = synthetic_model("llama", 1, False, "F32")
+    r = _bench(path, "-p", 16, "-n", 4, "-r", 2, "-t", 2, "--vs-llamacpp", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for t in doc["tests"].values():
+        _check_stats(t["llamacpp"], 2)
+        assert t["ratio"] == pytest.approx(t["ours"]["median"] / t["llamacpp"]["median"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-r", "0"], "repetitions"),
+    (["-p", "0", "-n", "0"], "nothing to measure"),
+    (["-n", "-1"], ">= 0"),
+])
+def test_bad_arguments(args, msg):
+    path = synthetic_model("llama", 1, False, "F32")
+    r = _bench(path, *args, timeout=120)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_model():
+    r = _bench("no/such/model.gguf", timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
