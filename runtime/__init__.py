@@ -7,6 +7,44 @@ Imports are lazy so that ``python -m runtime --help`` stays instant.
 
 __version__ = "0.1.0"
 
+
+def _numba_cache_dir() -> None:
+    """Point numba's on-disk cache at a directory named after a hash of this package's
+    sources.  numba keys a cached function on its own file only, so after an edit to
+    quant.py the cached engine in model.py would keep running the old, inlined
+    kernels; with the hash, any source change starts a fresh cache (older ones are
+    removed).  A NUMBA_CACHE_DIR set by the user is kept as the parent directory."""
+    import hashlib
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(here.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    tag = f"numba-{h.hexdigest()[:16]}"
+    parent = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else here / "__pycache__"
+    if not os.access(parent if parent.exists() else parent.parent, os.W_OK):
+        parent = Path.home() / ".cache" / "gguf-runtime"
+    target = parent / tag
+    try:
+        for old in parent.glob("numba-*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass
+    if "numba" in sys.modules:
+        import numba.core.config
+
+        numba.core.config.CACHE_DIR = str(target)
+    else:
+        os.environ["NUMBA_CACHE_DIR"] = str(target)
+
+
+_numba_cache_dir()
+
 __all__ = ["GGUFFile", "GGUFError", "Model", "__version__"]
 
 
