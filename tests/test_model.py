@@ -126,3 +126,23 @@ def test_attention_capture(synth):
     assert np.all(np.triu(maps[0, 0], 1) == 0)  # causal
     assert np.all(maps[0, :, 0, 0] == pytest.approx(1.0))
     np.testing.assert_allclose(m.logits(ids), before, atol=1e-5)
+
+
+def test_attention_of_one_layer_stores_one_layer(tmp_path):
+    """Maps of a selected layer cost that layer's [heads, n, n], not every layer's."""
+    import tracemalloc
+
+    path = _write(tmp_path / "deep.gguf", arch="llama", n_layers=8, gqa=4)
+    n = 256
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, n)]
+    m = Model.load(path, n_ctx=n)
+    m.attention(ids[:8], layers=[5])  # compile / warm up outside the measurement
+    one_layer = 8 * n * n * 4  # heads x n x n float32
+    tracemalloc.start()
+    maps = m.attention(ids, layers=[5])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert maps.shape == (1, 8, n, n)
+    assert peak < 2 * one_layer, (peak, one_layer)  # all 8 layers would be 8 x one_layer
+    all_maps = m.attention(ids)
+    np.testing.assert_allclose(all_maps[5], maps[0], atol=1e-6)
