@@ -217,3 +217,24 @@ def test_top_k_large_vocab_prefilter_exact_with_ties():
     # sorted ascending input (worst case for a strided sample) is still exact
     y = np.sort(rng.normal(size=152064)).astype(np.float32)
     assert top_k(None, y, 40)[0].tolist() == list(range(152063, 152023, -1))
+
+
+def test_nucleus_is_top_p_set_in_linear_time():
+    from runtime.sampling import nucleus
+
+    rng = np.random.default_rng(9)
+    cases = [(rng.normal(size=152064) * sc).astype(np.float32) for sc in (0.01, 0.5, 3.0, 10.0)]
+    cases.append(rng.integers(0, 30, size=50000).astype(np.float32))  # many ties across the cut
+    for x in cases:
+        for p in (0.0, 0.3, 0.9, 0.95, 0.999):
+            want, _ = top_p(np.arange(x.size), x, p)
+            got = nucleus(x, p)
+            assert got.tolist() == sorted(want.tolist()), (p, got.size, want.size)
+    # all equal: p * V tokens (to the rounding of the running sum), lowest ids first
+    got = nucleus(np.zeros(10000, np.float32), 0.3)
+    assert got.size in (3000, 3001) and got.tolist() == list(range(got.size))
+    # and the sampler uses it when top-k and min-p are off
+    x = cases[1]
+    got, _ = Sampler(SamplerParams(temp=1.0, top_k=0, top_p=0.9, min_p=0.0)).filter(x)
+    want, _ = top_p(np.arange(x.size), x, 0.9)
+    assert sorted(got.tolist()) == sorted(want.tolist())
