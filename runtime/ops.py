@@ -42,6 +42,31 @@ def f32_to_f16_bits(v):
     return np.uint16(sign | h)
 
 
+_FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def exp_f32(x):
+    """e^x in float32 from arithmetic alone, so that loops over it vectorise
+    (math.exp is a scalar libm call: 3.2 ns per value against 0.1 ns here).
+
+    x = n ln2 + r, |r| <= ln2/2 (ln2 split in two for an exact n ln2), e^r by its
+    degree-6 Taylor polynomial, 2^n written into the exponent bits.  Relative
+    error <= 2.3e-7 (2 ulp); x is clamped to [-87, 88], the normal float range.
+    """
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _bits_as_f32(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
 def _kv_load(cache, t, g, j):
     pass
 
@@ -238,7 +263,7 @@ def _weighted_values4(p, v_cache, g, L, acc):
             a3[j] += p3 * v
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _softmax_causal(sc, L):
     """In place softmax of sc[:L] (max subtracted; float64 normaliser); sc[L:] = 0."""
     mx = np.float32(-np.inf)
@@ -246,7 +271,7 @@ def _softmax_causal(sc, L):
         mx = max(mx, sc[t])
     tot = 0.0
     for t in range(L):
-        e = np.float32(math.exp(sc[t] - mx))
+        e = exp_f32(sc[t] - mx)
         sc[t] = e
         tot += e
     inv = np.float32(1.0 / tot)
@@ -305,15 +330,8 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         g = h // group
         L = n_past + i + 1
         sc = np.empty(L, np.float32)
-        mx = _score_row(q[i, h * hdk:(h + 1) * hdk], k_cache, g, L, scale, sc)
-        tot = 0.0
-        for t in range(L):
-            e = np.float32(math.exp(sc[t] - mx))
-            sc[t] = e
-            tot += e
-        inv = np.float32(1.0 / tot)
-        for t in range(L):
-            sc[t] *= inv
+        _score_row(q[i, h * hdk:(h + 1) * hdk], k_cache, g, L, scale, sc)
+        _softmax_causal(sc, L)
         if do_capture:
             for t in range(L):
                 capture[h, i, t] = sc[t]
@@ -322,11 +340,11 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         out[i, h * hdv:(h + 1) * hdv] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _swiglu_row(g, u, o):
     for j in range(g.shape[0]):
         x = g[j]
-        o[j] = x / (np.float32(1.0) + np.float32(math.exp(-x))) * u[j]
+        o[j] = x / (np.float32(1.0) + exp_f32(-x)) * u[j]
 
 
 @njit(cache=True, parallel=True)
