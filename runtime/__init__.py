@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def _numba_cache_dir() -> None:
     """Point numba's on-disk cache at a directory named after a hash of this package's
-    sources.  numba keys a cached function on its own file only, so after an edit to
+    compiled modules' sources.  numba keys a cached function on its own file only, so after an edit to
     quant.py the cached engine in model.py would keep running the old, inlined
     kernels; with the hash, any source change starts a fresh cache (older ones are
     removed).  A NUMBA_CACHE_DIR set by the user is kept as the parent directory."""
@@ -22,8 +22,10 @@ def _numba_cache_dir() -> None:
 
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for f in sorted(here.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(here.glob("*.py")):  # the modules with compiled code
+        src = f.read_bytes()
+        if b"njit" in src or b"numba" in src:
+            h.update(f.name.encode() + b"\0" + src)
     tag = f"numba-{h.hexdigest()[:16]}"
     parent = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else here / "__pycache__"
     if not os.access(parent if parent.exists() else parent.parent, os.W_OK):

@@ -6,7 +6,8 @@ each ending with that token's logits (what generation costs, sampling excluded).
 Each test runs after an untimed warm-up (numba loads or compiles its kernels there;
 that time is reported as `load_s`), is repeated -r times, and is reported as the
 median tokens/s with min and max.  `--vs-llamacpp` runs llama-cpp-python on the same
-file, threads, token ids and context in the same process and prints ours / llama.cpp.
+file, threads, token ids and context in the same process, alternating repetitions
+with ours, and prints ours / llama.cpp.
 The token ids are pseudo-random (fixed seed), as llama-bench's are: speed does not
 depend on them, and no tokenizer or sampler time is measured.
 """
@@ -78,33 +79,48 @@ class _LlamaCpp:
         self.llm.eval([tok])
 
 
-def _run(engine, n_prompt: int, n_gen: int, reps: int, seed: int) -> dict:
-    """Warm-up, then the timed repetitions of pp and tg; tokens/s per repetition."""
-    p_ids = _ids(n_prompt, engine.n_vocab, seed)
-    g_ids = _ids(n_gen + 1, engine.n_vocab, seed + 1)
+def _warm(engine, n_prompt: int, seed: int) -> float:
+    """Untimed warm-up of both code paths (a batch, single tokens); its seconds."""
     t0 = time.perf_counter()
-    engine.reset()  # warm-up: both code paths (a batch and single tokens) once
+    engine.reset()
     engine.prompt(_ids(min(max(n_prompt, 2), 16), engine.n_vocab, seed + 2))
-    for t in g_ids[:2]:
+    for t in _ids(2, engine.n_vocab, seed + 3):
         engine.step(t)
-    out = {"load_s": time.perf_counter() - t0}
-    if n_prompt > 0:
-        tps = []
+    return time.perf_counter() - t0
+
+
+def _pp(engine, ids) -> float:
+    engine.reset()
+    t = time.perf_counter()
+    engine.prompt(ids)
+    return len(ids) / (time.perf_counter() - t)
+
+
+def _tg(engine, ids) -> float:
+    engine.reset()
+    t = time.perf_counter()
+    for tok in ids:
+        engine.step(tok)
+    return len(ids) / (time.perf_counter() - t)
+
+
+def _run(engines, n_prompt: int, n_gen: int, reps: int, seed: int) -> dict:
+    """tokens/s per engine, test and repetition.  With two engines the repetitions
+    alternate between them (ours, llama.cpp, ours, ...), so that a slow phase of a
+    shared machine falls on both and the ratio stays fair."""
+    n_vocab = min(e.n_vocab for e in engines)
+    p_ids = _ids(n_prompt, n_vocab, seed)
+    g_ids = _ids(n_gen, n_vocab, seed + 1)
+    out = {e.name: {"load_s": _warm(e, n_prompt, seed)} for e in engines}
+    for test, n, fn, ids in ((f"pp{n_prompt}", n_prompt, _pp, p_ids), (f"tg{n_gen}", n_gen, _tg, g_ids)):
+        if n == 0:
+            continue
+        samples = {e.name: [] for e in engines}
         for _ in range(reps):
-            engine.reset()
-            t = time.perf_counter()
-            engine.prompt(p_ids)
-            tps.append(n_prompt / (time.perf_counter() - t))
-        out[f"pp{n_prompt}"] = _stats(tps)
-    if n_gen > 0:
-        tps = []
-        for _ in range(reps):
-            engine.reset()
-            t = time.perf_counter()
-            for tok in g_ids[:n_gen]:
-                engine.step(tok)
-            tps.append(n_gen / (time.perf_counter() - t))
-        out[f"tg{n_gen}"] = _stats(tps)
+            for e in engines:
+                samples[e.name].append(fn(e, ids))
+        for e in engines:
+            out[e.name][test] = _stats(samples[e.name])
     return out
 
 
@@ -148,13 +164,17 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
         "tests": {},
     }
     say(f"ours: {path.name}, {threads} threads")
-    ours = _run(_Ours(path, n_ctx, threads), n_prompt, n_gen, reps, seed)
+    engines = [_Ours(path, n_ctx, threads)]
+    if vs_llamacpp:
+        say("llama.cpp: same file, threads and token ids, repetitions interleaved with ours")
+        engines.append(_LlamaCpp(path, n_ctx, threads, max(n_prompt, 32)))
+    res = _run(engines, n_prompt, n_gen, reps, seed)
+    ours = res["ours"]
     doc["load_s"] = ours.pop("load_s")
     for test, st in ours.items():
         doc["tests"][test] = {"ours": st}
     if vs_llamacpp:
-        say("llama.cpp: same file, threads and token ids")
-        lc = _run(_LlamaCpp(path, n_ctx, threads, max(n_prompt, 32)), n_prompt, n_gen, reps, seed)
+        lc = res["llama.cpp"]
         doc["llamacpp_load_s"] = lc.pop("load_s")
         for test, st in lc.items():
             doc["tests"][test]["llamacpp"] = st
