@@ -24,7 +24,7 @@ def _numba_cache_dir() -> None:
     h = hashlib.sha256()
     for f in sorted(here.glob("*.py")):  # the modules with compiled code
         src = f.read_bytes()
-        if b"njit" in src or b"numba" in src:
+        if b"@njit" in src:
             h.update(f.name.encode() + b"\0" + src)
     tag = f"numba-{h.hexdigest()[:16]}"
     parent = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else here / "__pycache__"
