@@ -60,10 +60,7 @@ class _LlamaCpp:
     name = "llama.cpp"
 
     def __init__(self, path, n_ctx, threads, n_batch):
-        try:
-            import llama_cpp
-        except ImportError:
-            raise RuntimeError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[test]')") from None
+        llama_cpp = _import_llama_cpp()
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                    n_threads=threads, n_threads_batch=threads, logits_all=False,
                                    verbose=False)
@@ -77,6 +74,23 @@ class _LlamaCpp:
 
     def step(self, tok):
         self.llm.eval([tok])
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RuntimeError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[test]')") from None
+    return llama_cpp
+
+
+def _check_args(n_prompt: int, n_gen: int, reps: int) -> None:
+    if n_prompt < 0 or n_gen < 0:
+        raise ValueError("-p and -n must be >= 0")
+    if n_prompt == 0 and n_gen == 0:
+        raise ValueError("nothing to measure: -p and -n are both 0")
+    if reps < 1:
+        raise ValueError("-r/--repetitions must be >= 1")
 
 
 def _warm(engine, n_prompt: int, seed: int) -> float:
@@ -145,12 +159,9 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     from .gguf import GGUFFile
     from .threads import default_threads, set_threads
 
-    if n_prompt < 0 or n_gen < 0:
-        raise ValueError("-p and -n must be >= 0")
-    if n_prompt == 0 and n_gen == 0:
-        raise ValueError("nothing to measure: -p and -n are both 0")
-    if reps < 1:
-        raise ValueError("-r/--repetitions must be >= 1")
+    _check_args(n_prompt, n_gen, reps)
+    if vs_llamacpp:
+        _import_llama_cpp()  # fail before any timing
     threads = set_threads(threads or default_threads())
     path = Path(path)
     n_ctx = max(n_prompt, n_gen + 1, 16) + 16
@@ -182,6 +193,31 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     return doc
 
 
+def _one(path, n_prompt, n_gen, n_threads, reps, engine: str, seed=1234) -> dict:
+    from .threads import default_threads, set_threads
+
+    _check_args(n_prompt, n_gen, reps)
+    n_threads = set_threads(n_threads or default_threads())
+    n_ctx = max(n_prompt, n_gen + 1, 16) + 16
+    e = (_Ours(path, n_ctx, n_threads) if engine == "ours"
+         else _LlamaCpp(path, n_ctx, n_threads, max(n_prompt, 32)))
+    res = _run([e], n_prompt, n_gen, reps, seed)[e.name]
+    return {"load_s": res.pop("load_s"), "threads": n_threads, "tests": res}
+
+
+def bench_ours(model_path, n_prompt=512, n_gen=128, n_threads=None, reps=3, seed=1234) -> dict:
+    """This runtime alone: {"load_s", "threads", "tests": {"pp512": {median, min, max,
+    samples}, "tg128": {...}}} in tokens/s (a test with 0 tokens is left out)."""
+    return _one(model_path, n_prompt, n_gen, n_threads, reps, "ours", seed)
+
+
+def bench_llamacpp(model_path, n_prompt=512, n_gen=128, n_threads=None, reps=3, seed=1234) -> dict:
+    """llama-cpp-python alone, same method, token ids and result layout as bench_ours.
+    (`bench(..., vs_llamacpp=True)` runs both with interleaved repetitions: fairer ratio.)"""
+    _import_llama_cpp()
+    return _one(model_path, n_prompt, n_gen, n_threads, reps, "llama.cpp", seed)
+
+
 def format_table(doc: dict) -> str:
     """llama-bench style table, under 80 columns."""
     size = doc["file_size"] / 2**20
@@ -207,6 +243,9 @@ def format_table(doc: dict) -> str:
 def cli_bench(args) -> int:
     from .registry import resolve_model
 
+    _check_args(args.n_prompt, args.n_gen, args.repetitions)  # before any download
+    if args.vs_llamacpp:
+        _import_llama_cpp()
     path = resolve_model(args.model)
     quiet = args.json
 

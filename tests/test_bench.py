@@ -16,8 +16,8 @@ from _oracle import synthetic_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _bench(*args, timeout=300, pythonpath=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, pythonpath), str(ROOT)]))
     return subprocess.run([sys.executable, "-m", "runtime", "bench", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -80,3 +80,34 @@ def test_missing_model():
     r = _bench("no/such/model.gguf", timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_checked_before_resolving_the_model():
+    # a registry name that is not pulled yet must not be downloaded for a bad -r
+    r = _bench("no-such-registry-name", "-r", "0", timeout=120)
+    assert r.returncode != 0 and "repetitions" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vs_llamacpp_without_llama_cpp(tmp_path):
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('blocked for the test')\n")
+    path = synthetic_model("llama", 1, False, "F32")
+    r = _bench(path, "-p", 8, "-n", 2, "-r", 1, "--vs-llamacpp", timeout=120, pythonpath=[tmp_path])
+    assert r.returncode == 1, r.stderr
+    assert "llama-cpp-python" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+def test_public_api(llama_cpp):
+    from runtime.bench import bench_llamacpp, bench_ours
+
+    import numba
+
+    path = synthetic_model("llama", 1, False, "F32")
+    before = numba.get_num_threads()
+    try:
+        for fn in (bench_ours, bench_llamacpp):
+            res = fn(path, n_prompt=8, n_gen=0, n_threads=1, reps=2)
+            assert set(res["tests"]) == {"pp8"} and res["threads"] == 1 and res["load_s"] >= 0
+            _check_stats(res["tests"]["pp8"], 2)
+    finally:
+        numba.set_num_threads(before)  # the rest of the test session keeps its threads
