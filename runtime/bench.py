@@ -153,6 +153,15 @@ def _commit() -> str | None:
         return None
 
 
+def _engine(name: str, path, n_prompt: int, n_gen: int, threads: int):
+    """"ours" or "llama.cpp" on the file, with a context that holds the longer test
+    (each test starts from an empty cache) and the prompt in one llama.cpp batch."""
+    n_ctx = max(n_prompt, n_gen + 1, 16) + 16
+    if name == "ours":
+        return _Ours(path, n_ctx, threads)
+    return _LlamaCpp(path, n_ctx, threads, max(n_prompt, 32))
+
+
 def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False, seed=1234,
           progress=None) -> dict:
     """Run the benchmark; returns every number (the --json document)."""
@@ -164,7 +173,6 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
         _import_llama_cpp()  # fail before any timing
     threads = set_threads(threads or default_threads())
     path = Path(path)
-    n_ctx = max(n_prompt, n_gen + 1, 16) + 16
     say = progress or (lambda msg: None)
     g = GGUFFile(path)
     doc = {
@@ -175,10 +183,10 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
         "tests": {},
     }
     say(f"ours: {path.name}, {threads} threads")
-    engines = [_Ours(path, n_ctx, threads)]
+    engines = [_engine("ours", path, n_prompt, n_gen, threads)]
     if vs_llamacpp:
         say("llama.cpp: same file, threads and token ids, repetitions interleaved with ours")
-        engines.append(_LlamaCpp(path, n_ctx, threads, max(n_prompt, 32)))
+        engines.append(_engine("llama.cpp", path, n_prompt, n_gen, threads))
     res = _run(engines, n_prompt, n_gen, reps, seed)
     ours = res["ours"]
     doc["load_s"] = ours.pop("load_s")
@@ -198,9 +206,7 @@ def _one(path, n_prompt, n_gen, n_threads, reps, engine: str, seed=1234) -> dict
 
     _check_args(n_prompt, n_gen, reps)
     n_threads = set_threads(n_threads or default_threads())
-    n_ctx = max(n_prompt, n_gen + 1, 16) + 16
-    e = (_Ours(path, n_ctx, n_threads) if engine == "ours"
-         else _LlamaCpp(path, n_ctx, n_threads, max(n_prompt, 32)))
+    e = _engine(engine, path, n_prompt, n_gen, n_threads)
     res = _run([e], n_prompt, n_gen, reps, seed)[e.name]
     return {"load_s": res.pop("load_s"), "threads": n_threads, "tests": res}
 

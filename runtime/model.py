@@ -1,7 +1,7 @@
 """LLaMA / Qwen2 / Qwen3 forward pass over memory-mapped quantized weights.
 
 Weights stay in the GGUF file's blocks (zero-copy uint8 views); every matmul goes
-through ``quant.matmul``, which decodes blocks on the fly.  Only norms and biases
+through ``quant.matmul_q8`` / ``quant.matvec3``, which decode blocks on the fly.  Only norms and biases
 (tiny, F32) and the embedding rows of the tokens being evaluated are dequantized.
 
 All layers run in one compiled call (``forward_layers``, which finds each weight
@@ -19,7 +19,6 @@ import numpy as np
 from numba import njit
 
 from . import ops, quant
-from .quant import matmul
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 N_BATCH = 256  # tokens per prefill block: bounds scratch memory, keeps matmuls batched

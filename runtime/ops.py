@@ -2,7 +2,7 @@
 
 Activations are float32 row-major [n_tokens, features]; reductions accumulate in
 float64 (as ggml does for norms and softmax sums).  The KV cache is either float32
-or IEEE half stored as uint16 bits (numba has no CPU float16); the ``_kv_load`` /
+or IEEE half stored as uint16 bits (numba has no CPU float16); the ``_kv_f32`` /
 ``_kv_store`` overloads pick the conversion at compile time, so one attention
 kernel serves both cache types.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .quant import _bits_as_f32, _f16_bits_to_f32, _f32_as_bits, _half_as_f32
+from .quant import _bits_as_f32, _f32_as_bits, _half_as_f32
 
 __all__ = ["rms_norm", "rope", "attention", "swiglu", "softmax", "add", "rope_inv_freq",
            "f32_to_f16_bits"]
@@ -65,17 +65,6 @@ def exp_f32(x):
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
     return p * _bits_as_f32(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
-
-
-def _kv_load(cache, t, g, j):
-    pass
-
-
-@overload(_kv_load)
-def _kv_load_impl(cache, t, g, j):
-    if cache.dtype == types.uint16:
-        return lambda cache, t, g, j: _f16_bits_to_f32(np.int32(cache[t, g, j]))
-    return lambda cache, t, g, j: np.float32(cache[t, g, j])
 
 
 def _kv_f32(v):
@@ -186,18 +175,14 @@ def kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, head_dim_k, head_dim_v)
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _score_row(qv, k_cache, g, L, scale, sc):
-    """sc[t] = scale * (q . K[t]) for t < L; returns max_t sc[t]."""
+    """sc[t] = scale * (q . K[t]) for t < L."""
     hdk = qv.shape[0]
-    mx = np.float32(-np.inf)
     for t in range(L):
         kr = k_cache[t, g]
         s = np.float32(0.0)
         for j in range(hdk):
             s += qv[j] * _kv_f32(kr[j])
-        s *= scale
-        sc[t] = s
-        mx = max(mx, s)
-    return mx
+        sc[t] = s * scale
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})

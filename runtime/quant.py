@@ -973,6 +973,32 @@ def _row_dot(type_id, w, x, xsum, nb):
 # llama.cpp also adds); matvec / dot and prefill keep float32 activations.
 # ---------------------------------------------------------------------------
 
+def _ir_bytes(context, builder, arr_ty, arr, off, n):
+    """<n x i8> loaded from arr.data + off (unaligned)."""
+    a = context.make_array(arr_ty)(context, builder, arr)
+    v8 = llir.VectorType(llir.IntType(8), n)
+    return builder.load(builder.bitcast(builder.gep(a.data, [off]), v8.as_pointer()), align=1)
+
+
+def _ir_splat8(builder, v, n):
+    """An integer scalar truncated to i8 and broadcast to <n x i8>."""
+    v8 = llir.VectorType(llir.IntType(8), n)
+    x = builder.insert_element(llir.Constant(v8, None), builder.trunc(v, llir.IntType(8)),
+                               llir.Constant(llir.IntType(32), 0))
+    return builder.shuffle_vector(x, llir.Constant(v8, None),
+                                  llir.Constant(llir.VectorType(llir.IntType(32), n), [0] * n))
+
+
+def _ir_udot(builder, u8, q8, n):
+    """sum_j zext(u8_j) * sext(q8_j) as i32: the pattern LLVM lowers to vpdpbusd."""
+    i32 = llir.IntType(32)
+    v32 = llir.VectorType(i32, n)
+    prod = builder.mul(builder.zext(u8, v32), builder.sext(q8, v32))
+    fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
+                                        f"llvm.vector.reduce.add.v{n}i32")
+    return builder.call(fn, [prod])
+
+
 def _nib_dot_intrinsic(n):
     """An intrinsic f(w, wo, shift, q, qo) -> int32: sum over j < n of
     a_j * q[qo + j], q int8, where a_j is (w[wo + j] >> shift) & 15."""
@@ -983,19 +1009,10 @@ def _nib_dot_intrinsic(n):
 
         def codegen(context, builder, signature, args):
             wa, wo_, sh, qa, qo_ = args
-            W = context.make_array(signature.args[0])(context, builder, wa)
-            Q = context.make_array(signature.args[3])(context, builder, qa)
-            i8, i32 = llir.IntType(8), llir.IntType(32)
-            v8, v32 = llir.VectorType(i8, n), llir.VectorType(i32, n)
-            wv = builder.load(builder.bitcast(builder.gep(W.data, [wo_]), v8.as_pointer()), align=1)
-            qv = builder.load(builder.bitcast(builder.gep(Q.data, [qo_]), v8.as_pointer()), align=1)
-            shv = builder.insert_element(llir.Constant(v8, None), builder.trunc(sh, i8), llir.Constant(i32, 0))
-            shv = builder.shuffle_vector(shv, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
-            a = builder.zext(builder.and_(builder.lshr(wv, shv), llir.Constant(v8, [15] * n)), v32)
-            prod = builder.mul(a, builder.sext(qv, v32))
-            fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
-                                                f"llvm.vector.reduce.add.v{n}i32")
-            return builder.call(fn, [prod])
+            wv = _ir_bytes(context, builder, signature.args[0], wa, wo_, n)
+            nib = builder.and_(builder.lshr(wv, _ir_splat8(builder, sh, n)),
+                               llir.Constant(wv.type, [15] * n))
+            return _ir_udot(builder, nib, _ir_bytes(context, builder, signature.args[3], qa, qo_, n), n)
 
         return sig, codegen
 
@@ -1014,26 +1031,14 @@ def _q6_dot16(typingctx, w, lo_o, lo_shift, hi_o, hi_shift, q, qo):
 
     def codegen(context, builder, signature, args):
         wa, lo_o_, lo_s, hi_o_, hi_s, qa, qo_ = args
-        W = context.make_array(signature.args[0])(context, builder, wa)
-        Q = context.make_array(signature.args[5])(context, builder, qa)
         n = 16
-        i8, i32 = llir.IntType(8), llir.IntType(32)
-        v8, v32 = llir.VectorType(i8, n), llir.VectorType(i32, n)
-
-        def load(arr, o):
-            return builder.load(builder.bitcast(builder.gep(arr.data, [o]), v8.as_pointer()), align=1)
-
-        def splat(v):
-            x = builder.insert_element(llir.Constant(v8, None), builder.trunc(v, i8), llir.Constant(i32, 0))
-            return builder.shuffle_vector(x, llir.Constant(v8, None), llir.Constant(v32, [0] * n))
-
-        lo = builder.and_(builder.lshr(load(W, lo_o_), splat(lo_s)), llir.Constant(v8, [15] * n))
-        hi = builder.and_(builder.lshr(load(W, hi_o_), splat(hi_s)), llir.Constant(v8, [3] * n))
-        u6 = builder.or_(lo, builder.shl(hi, llir.Constant(v8, [4] * n)))
-        prod = builder.mul(builder.zext(u6, v32), builder.sext(load(Q, qo_), v32))
-        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
-                                            "llvm.vector.reduce.add.v16i32")
-        return builder.call(fn, [prod])
+        wty = signature.args[0]
+        lo = _ir_bytes(context, builder, wty, wa, lo_o_, n)
+        c = lambda k: llir.Constant(lo.type, [k] * n)  # noqa: E731
+        lo = builder.and_(builder.lshr(lo, _ir_splat8(builder, lo_s, n)), c(15))
+        hi = builder.lshr(_ir_bytes(context, builder, wty, wa, hi_o_, n), _ir_splat8(builder, hi_s, n))
+        u6 = builder.or_(lo, builder.shl(builder.and_(hi, c(3)), c(4)))
+        return _ir_udot(builder, u6, _ir_bytes(context, builder, signature.args[5], qa, qo_, n), n)
 
     return sig, codegen
 
@@ -1061,7 +1066,7 @@ def quantize_q8(x, bs, xq, xd, xs16):
 
 
 @njit(cache=True, fastmath=_FM)
-def _qdot_q4_0(w, xq, xd, xs16, xsum, nb):
+def _qdot_q4_0(w, xq, xd, xs16, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         o = i * 18
@@ -1072,7 +1077,7 @@ def _qdot_q4_0(w, xq, xd, xs16, xsum, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _qdot_q4_1(w, xq, xd, xs16, xsum, nb):
+def _qdot_q4_1(w, xq, xd, xs16, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         o = i * 20
@@ -1085,7 +1090,7 @@ def _qdot_q4_1(w, xq, xd, xs16, xsum, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _qdot_q4_k(w, xq, xd, xs16, xsum, nb):
+def _qdot_q4_k(w, xq, xd, xs16, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         o = i * 144
@@ -1106,7 +1111,7 @@ def _qdot_q4_k(w, xq, xd, xs16, xsum, nb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _qdot_q6_k(w, xq, xd, xs16, xsum, nb):
+def _qdot_q6_k(w, xq, xd, xs16, nb):
     # Q6_K (see _dec_q6_k): weight e = h*128 + t*32 + l (l < 32) has low 4 bits in
     # ql[h*64 + (t&1)*32 + l] (nibble t>>1) and high 2 bits in qh[h*32 + l] (bits 2t)
     acc = np.float32(0.0)
@@ -1134,16 +1139,16 @@ def _has_q8_dot(type_id):
 
 
 @njit(cache=True)
-def _row_dot_q8(type_id, w, a32, ak, xsum, nb):
+def _row_dot_q8(type_id, w, a32, ak, nb):
     """a32 / ak: x as int8 blocks of 32 / 256 (xq, xd, xs16), see _activation_q8."""
     if type_id == GGML_Q4_K:
-        return _qdot_q4_k(w, ak[0], ak[1], ak[2], xsum, nb)
+        return _qdot_q4_k(w, ak[0], ak[1], ak[2], nb)
     if type_id == GGML_Q6_K:
-        return _qdot_q6_k(w, ak[0], ak[1], ak[2], xsum, nb)
+        return _qdot_q6_k(w, ak[0], ak[1], ak[2], nb)
     xq, xd, xs16 = a32
     if type_id == GGML_Q4_0:
-        return _qdot_q4_0(w, xq, xd, xs16, xsum, nb)
-    return _qdot_q4_1(w, xq, xd, xs16, xsum, nb)
+        return _qdot_q4_0(w, xq, xd, xs16, nb)
+    return _qdot_q4_1(w, xq, xd, xs16, nb)
 
 
 # ---------------------------------------------------------------------------
@@ -1318,18 +1323,18 @@ def _matmul_fused(type_id, W, X, out, act_q8):
     n = X.shape[0]
     cols = X.shape[1]
     nb = cols // _block_size_nb(type_id)
-    xsum = np.empty((n, cols // 32), np.float32)
-    _block_sums(X, xsum)
     q8 = act_q8 and n == 1 and _has_q8_dot(type_id)
     a32 = _activation_q8(X, cols if q8 and not _is_k(type_id) else 0, 32)
     ak = _activation_q8(X, cols if q8 and _is_k(type_id) else 0, 256)
+    xsum = np.empty((0 if q8 else n, cols // 32), np.float32)  # the float kernels' x sums
+    _block_sums(X, xsum)
     n_tasks = min(rows, _N_TASKS)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for t in prange(n_tasks):
         for i in range(t * per_task, min(rows, (t + 1) * per_task)):
             w = W[i]
             if q8:
-                out[0, i] = _row_dot_q8(type_id, w, a32, ak, xsum[0], nb)
+                out[0, i] = _row_dot_q8(type_id, w, a32, ak, nb)
                 continue
             for r in range(n):
                 out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
@@ -1347,8 +1352,11 @@ def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
     r2 = W2.shape[0]
     rows = r0 + r1 + r2
     cols = x.shape[1]
-    xsum = np.empty((1, cols // 32), np.float32)
-    _block_sums(x, xsum)
+    q0 = _has_q8_dot(t0)
+    q1 = _has_q8_dot(t1)
+    q2 = _has_q8_dot(t2)
+    xsum = np.empty((0 if q0 and q1 and (q2 or r2 == 0) else 1, cols // 32), np.float32)
+    _block_sums(x, xsum)  # only for a float kernel among the three
     legacy = (_has_q8_dot(t0) and not _is_k(t0)) or (_has_q8_dot(t1) and not _is_k(t1)) or (
         r2 > 0 and _has_q8_dot(t2) and not _is_k(t2))
     kq = _is_k(t0) or _is_k(t1) or (r2 > 0 and _is_k(t2))
@@ -1357,28 +1365,25 @@ def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
     nb0 = cols // _block_size_nb(t0)
     nb1 = cols // _block_size_nb(t1)
     nb2 = cols // _block_size_nb(t2)
-    q0 = _has_q8_dot(t0)
-    q1 = _has_q8_dot(t1)
-    q2 = _has_q8_dot(t2)
     n_tasks = min(rows, _N_TASKS)
     per_task = (rows + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for t in prange(n_tasks):
         for i in range(t * per_task, min(rows, (t + 1) * per_task)):
             if i < r0:
                 if q0:
-                    out0[0, i] = _row_dot_q8(t0, W0[i], a32, ak, xsum[0], nb0)
+                    out0[0, i] = _row_dot_q8(t0, W0[i], a32, ak, nb0)
                 else:
                     out0[0, i] = _row_dot(t0, W0[i], x[0], xsum[0], nb0)
             elif i < r0 + r1:
                 j = i - r0
                 if q1:
-                    out1[0, j] = _row_dot_q8(t1, W1[j], a32, ak, xsum[0], nb1)
+                    out1[0, j] = _row_dot_q8(t1, W1[j], a32, ak, nb1)
                 else:
                     out1[0, j] = _row_dot(t1, W1[j], x[0], xsum[0], nb1)
             else:
                 j = i - r0 - r1
                 if q2:
-                    out2[0, j] = _row_dot_q8(t2, W2[j], a32, ak, xsum[0], nb2)
+                    out2[0, j] = _row_dot_q8(t2, W2[j], a32, ak, nb2)
                 else:
                     out2[0, j] = _row_dot(t2, W2[j], x[0], xsum[0], nb2)
 
