@@ -20,6 +20,11 @@ them in compiled code:
   a thread-local buffer (by the same exact decoders) and dotted with all n rows.
   Either way: float32 within a block / chunk, float64 across the row.
 * ``matvec`` / ``dot`` - the same kernel for one activation vector / one row.
+* ``matmul_q8(type_id, W, X, out)`` - the engine's variant, trading exact float
+  activations for integer arithmetic as llama.cpp does: one row (decode) is
+  rounded to int8 blocks and dotted with vpdpbusd-style u8 x s8 sums; many rows
+  (prefill) are rounded to int16 (14 bits per 256 values, 64x finer than
+  llama.cpp's int8) and multiplied by int16 weight tiles (vpmaddwd / vpdpwssd).
 
 Layout per format is documented next to its decoder (byte offsets inside one
 block; all multi-byte fields little-endian; ``f16`` = IEEE half).
@@ -1020,27 +1025,6 @@ def _nib_dot_intrinsic(n):
 
 
 _nib_dot16 = _nib_dot_intrinsic(16)
-_nib_dot32 = _nib_dot_intrinsic(32)
-
-
-@intrinsic
-def _q6_dot16(typingctx, w, lo_o, lo_shift, hi_o, hi_shift, q, qo):
-    """sum over j < 16 of u6_j * q[qo + j] (int32), Q6_K's unsigned 6-bit values
-    u6_j = ((w[lo_o + j] >> lo_shift) & 15) | (((w[hi_o + j] >> hi_shift) & 3) << 4)."""
-    sig = types.int32(w, lo_o, lo_shift, hi_o, hi_shift, q, qo)
-
-    def codegen(context, builder, signature, args):
-        wa, lo_o_, lo_s, hi_o_, hi_s, qa, qo_ = args
-        n = 16
-        wty = signature.args[0]
-        lo = _ir_bytes(context, builder, wty, wa, lo_o_, n)
-        c = lambda k: llir.Constant(lo.type, [k] * n)  # noqa: E731
-        lo = builder.and_(builder.lshr(lo, _ir_splat8(builder, lo_s, n)), c(15))
-        hi = builder.lshr(_ir_bytes(context, builder, wty, wa, hi_o_, n), _ir_splat8(builder, hi_s, n))
-        u6 = builder.or_(lo, builder.shl(builder.and_(hi, c(3)), c(4)))
-        return _ir_udot(builder, u6, _ir_bytes(context, builder, signature.args[5], qa, qo_, n), n)
-
-    return sig, codegen
 
 
 @njit(cache=True, fastmath=_FM)
@@ -1089,45 +1073,178 @@ def _qdot_q4_1(w, xq, xd, xs16, nb):
     return acc
 
 
-@njit(cache=True, fastmath=_FM)
-def _qdot_q4_k(w, xq, xd, xs16, nb):
-    acc = np.float32(0.0)
-    for i in range(nb):
-        o = i * 144
-        blk = w[o:o + 144]
-        sd = np.float32(0.0)
-        sm = np.float32(0.0)
-        for g in range(4):
-            k = i * 8 + 2 * g
-            lo = _nib_dot32(w, o + 16 + g * 32, 0, xq, 32 * k)
-            hi = _nib_dot32(w, o + 16 + g * 32, 4, xq, 32 * k + 32)
-            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
-            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
-            sd += np.float32(sc0 * lo + sc1 * hi)
-            # min term from the rounded x, as in _qdot_q4_1
-            sm += np.float32(mn0 * (xs16[2 * k] + xs16[2 * k + 1]) + mn1 * (xs16[2 * k + 2] + xs16[2 * k + 3]))
-        acc += xd[i] * (_f16_fast(w, o) * sd - _f16_fast(w, o + 2) * sm)
-    return acc
+# Whole-row k-quant dots with 8-bit activations, one loop over super-blocks in
+# vector IR.  Each 64-byte vector of unsigned weights meets 64 int8 activations
+# in one u8 x s8 dot-of-four (vpdpbusd with AVX-512 VNNI): 16 int32 lanes, each
+# inside one sub-block, so the sub-block scales multiply whole lanes and a
+# super-block needs one horizontal sum instead of one per sub-block.
+
+def _target_has(feature):
+    """Whether numba compiles for a CPU with this LLVM feature (numba's
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES settings win over the host's)."""
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        return ("+" + feature) in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME is not None and config.CPU_NAME != "host":
+        return False
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get(feature, False))
 
 
-@njit(cache=True, fastmath=_FM)
-def _qdot_q6_k(w, xq, xd, xs16, nb):
-    # Q6_K (see _dec_q6_k): weight e = h*128 + t*32 + l (l < 32) has low 4 bits in
-    # ql[h*64 + (t&1)*32 + l] (nibble t>>1) and high 2 bits in qh[h*32 + l] (bits 2t)
-    acc = np.float32(0.0)
-    for i in range(nb):
-        o = i * 210
-        isum = 0
-        for h in range(2):
-            for t in range(4):
-                for half in range(2):
-                    e = i * 256 + h * 128 + t * 32 + half * 16
-                    u = _q6_dot16(w, o + h * 64 + (t & 1) * 32 + half * 16, (t >> 1) * 4,
-                                  o + 128 + h * 32 + half * 16, 2 * t, xq, e)
-                    sc = np.int32(np.int8(w[o + 192 + h * 8 + t * 2 + half]))
-                    isum += sc * (u - 32 * xs16[e // 16])
-        acc += _f16_fast(w, o + 208) * xd[i] * np.float32(isum)
-    return acc
+_VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw")
+
+
+def _ir_dot4(builder, acc, u8, s8):
+    """acc (<16 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<64 x i8>
+    each): vpdpbusd where the CPU has it, otherwise the same sums in plain IR."""
+    i32 = llir.IntType(32)
+    v16 = llir.VectorType(i32, 16)
+    if _VNNI512:
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v16, [v16, v16, v16]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(u8, v16), builder.bitcast(s8, v16)])
+    v64 = llir.VectorType(i32, 64)
+    prod = builder.mul(builder.zext(u8, v64), builder.sext(s8, v64))
+    parts = [builder.shuffle_vector(prod, prod, llir.Constant(v16, list(range(j, 64, 4)))) for j in range(4)]
+    return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+
+def _ir_reduce_add(builder, v):
+    fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v.type.element, [v.type]),
+                                        f"llvm.vector.reduce.add.v{v.type.count}i32")
+    return builder.call(fn, [v])
+
+
+def _ir_lanes(builder, v, idx):
+    """<len(idx) x T>: v's elements at idx."""
+    return builder.shuffle_vector(v, v, llir.Constant(llir.VectorType(llir.IntType(32), len(idx)), idx))
+
+
+def _ir_f16(builder, ptr, off):
+    """The float16 at byte ptr + off as float."""
+    h = builder.load(builder.bitcast(builder.gep(ptr, [off]), llir.IntType(16).as_pointer()), align=1)
+    return builder.fpext(builder.bitcast(h, llir.HalfType()), llir.FloatType())
+
+
+def _kdot_intrinsic(body):
+    """An intrinsic f(w, xq, xd, xs16, nb) -> float32 summing body(...) over nb
+    super-blocks; body returns the block's float contribution."""
+
+    @intrinsic
+    def kdot(typingctx, w, xq, xd, xs16, nb):
+        sig = types.float32(w, xq, xd, xs16, nb)
+
+        def codegen(context, builder, signature, args):
+            wa, xa, xda, xsa, nb_ = args
+            aty = signature.args
+            i8, i32, f32 = llir.IntType(8), llir.IntType(32), llir.FloatType()
+            p = (_ir_data(context, builder, aty[0], wa, i8), _ir_data(context, builder, aty[1], xa, i8),
+                 _ir_data(context, builder, aty[2], xda, f32), _ir_data(context, builder, aty[3], xsa, i32))
+            acc = cgutils.alloca_once_value(builder, llir.Constant(f32, 0.0))
+            with cgutils.for_range(builder, builder.sext(nb_, llir.IntType(64)) if nb_.type.width < 64 else nb_) as loop:
+                v = body(builder, loop.index, *p)
+                builder.store(builder.fadd(builder.load(acc), v), acc)
+            return builder.load(acc)
+
+        return sig, codegen
+
+    return kdot
+
+
+def _q4_k_block(builder, i, wp, xp, xdp, xsp):
+    # Q4_K (layout at _dec_q4_k): qs bytes 0-31 hold sub-blocks 0 (low nibbles)
+    # and 1 (high), bytes 32-63 sub-blocks 2 and 3, ...  A 64-byte load's low
+    # nibbles are sub-blocks (0 | 2), its high nibbles (1 | 3): the activations
+    # are rearranged to match and the scales spread over lanes 0-7 and 8-15.
+    i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
+    c = lambda k: llir.Constant(i64, k)  # noqa: E731
+    v64 = llir.VectorType(i8, 64)
+    v16 = llir.VectorType(i32, 16)
+    o = builder.mul(i, c(144))
+    xo = builder.mul(i, c(256))
+    d = _ir_f16(builder, wp, o)
+    dmin = _ir_f16(builder, wp, builder.add(o, c(2)))
+    u = [builder.load(builder.bitcast(builder.gep(wp, [builder.add(o, c(4 + 4 * k))]), i32.as_pointer()),
+                      align=1) for k in range(3)]
+    k3f, k0f, k03 = (llir.Constant(i32, 0x3F3F3F3F), llir.Constant(i32, 0x0F0F0F0F),
+                     llir.Constant(i32, 0x03030303))
+    hi2 = lambda x: builder.shl(builder.and_(builder.lshr(x, llir.Constant(i32, 6)), k03),  # noqa: E731
+                                llir.Constant(i32, 4))
+    sc = [builder.and_(u[0], k3f), builder.or_(builder.and_(u[2], k0f), hi2(u[0]))]
+    mi = [builder.and_(u[1], k3f),
+          builder.or_(builder.and_(builder.lshr(u[2], llir.Constant(i32, 4)), k0f), hi2(u[1]))]
+
+    def bytes8(pair):
+        v = builder.insert_element(llir.Constant(llir.VectorType(i32, 2), None), pair[0], llir.Constant(i32, 0))
+        v = builder.insert_element(v, pair[1], llir.Constant(i32, 1))
+        return builder.zext(builder.bitcast(v, llir.VectorType(i8, 8)), llir.VectorType(i32, 8))
+
+    sc8 = bytes8(sc)
+    mi8 = bytes8(mi)
+    fifteen = llir.Constant(v64, [15] * 64)
+    four = llir.Constant(v64, [4] * 64)
+    x = [_ir_vload(builder, xp, builder.add(xo, c(64 * k)), v64, 1) for k in range(4)]
+    lo_idx = list(range(32)) + list(range(64, 96))
+    hi_idx = list(range(32, 64)) + list(range(96, 128))
+    tot = llir.Constant(v16, [0] * 16)
+    zero = llir.Constant(v16, [0] * 16)
+    for h in range(2):
+        a = _ir_vload(builder, wp, builder.add(o, c(16 + 64 * h)), v64, 1)
+        for s, (nib, idx) in enumerate(((builder.and_(a, fifteen), lo_idx), (builder.lshr(a, four), hi_idx))):
+            xa = builder.shuffle_vector(x[2 * h], x[2 * h + 1],
+                                        llir.Constant(llir.VectorType(i32, 64), idx))
+            j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
+            scale = _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)
+            tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, nib, xa), scale))
+    isum = _ir_reduce_add(builder, tot)
+    # minimums against the rounded activations' sums per 32 (as _qdot_q4_1)
+    xs = _ir_vload(builder, xsp, builder.mul(i, c(16)), v16, 4)
+    xs32 = builder.add(_ir_lanes(builder, xs, list(range(0, 16, 2))), _ir_lanes(builder, xs, list(range(1, 16, 2))))
+    msum = _ir_reduce_add(builder, builder.mul(mi8, xs32))
+    xd = builder.load(builder.gep(xdp, [i]))
+    return builder.fmul(xd, builder.fsub(builder.fmul(d, builder.sitofp(isum, f32)),
+                                         builder.fmul(dmin, builder.sitofp(msum, f32))))
+
+
+def _q6_k_block(builder, i, wp, xp, xdp, xsp):
+    # Q6_K (layout at _dec_q6_k): for each half h, ql bytes h*64 + 0..63 give
+    # weights h*128 + 0..63 (low nibbles) and h*128 + 64..127 (high nibbles),
+    # each topped by 2 bits of qh[h*32 + l]; every 4 lanes share one scale.
+    # sum(sc * (q - 32) * x) = sum(sc * q * x) - 32 * sum(sc * xsum16).
+    i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
+    c = lambda k: llir.Constant(i64, k)  # noqa: E731
+    v64 = llir.VectorType(i8, 64)
+    v32 = llir.VectorType(i8, 32)
+    v16 = llir.VectorType(i32, 16)
+    o = builder.mul(i, c(210))
+    xo = builder.mul(i, c(256))
+    d = _ir_f16(builder, wp, builder.add(o, c(208)))
+    sc = builder.sext(_ir_vload(builder, wp, builder.add(o, c(192)), llir.VectorType(i8, 16), 1), v16)
+    cat = llir.Constant(llir.VectorType(i32, 64), list(range(64)))
+    k = lambda v, t: llir.Constant(t, [v] * t.count)  # noqa: E731
+    tot = llir.Constant(v16, [0] * 16)
+    zero = llir.Constant(v16, [0] * 16)
+    for h in range(2):
+        ql = _ir_vload(builder, wp, builder.add(o, c(64 * h)), v64, 1)
+        qh = _ir_vload(builder, wp, builder.add(o, c(128 + 32 * h)), v32, 1)
+        hb = [builder.and_(builder.lshr(qh, k(2 * t, v32)), k(3, v32)) for t in range(4)]
+        u_lo = builder.or_(builder.and_(ql, k(15, v64)),
+                           builder.shl(builder.shuffle_vector(hb[0], hb[1], cat), k(4, v64)))
+        u_hi = builder.or_(builder.lshr(ql, k(4, v64)),
+                           builder.shl(builder.shuffle_vector(hb[2], hb[3], cat), k(4, v64)))
+        for s, u6 in enumerate((u_lo, u_hi)):
+            xa = _ir_vload(builder, xp, builder.add(xo, c(128 * h + 64 * s)), v64, 1)
+            scale = _ir_lanes(builder, sc, [8 * h + 4 * s + lane // 4 for lane in range(16)])
+            tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u6, xa), scale))
+    xs = _ir_vload(builder, xsp, builder.mul(i, c(16)), v16, 4)
+    isum = builder.sub(_ir_reduce_add(builder, tot),
+                       builder.mul(llir.Constant(i32, 32), _ir_reduce_add(builder, builder.mul(sc, xs))))
+    xd = builder.load(builder.gep(xdp, [i]))
+    return builder.fmul(builder.fmul(d, xd), builder.sitofp(isum, f32))
+
+
+_qdot_q4_k = _kdot_intrinsic(_q4_k_block)
+_qdot_q6_k = _kdot_intrinsic(_q6_k_block)
 
 
 @njit(cache=True)
@@ -1288,6 +1405,8 @@ def matmul_q8(type_id, W, X, out):
     has an integer kernel (Q4_0, Q4_1, Q4_K, Q6_K), as llama.cpp does."""
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
+    elif _has_i16(type_id):
+        _matmul_i16(type_id, W, X, out)
     else:
         _matmul_chunked(type_id, W, X, out)
 
@@ -1430,6 +1549,290 @@ def _matmul_chunked(type_id, W, X, out):
                 for r in range(n):
                     out[r, i0 + a] = acc[a, r]
             i0 += k
+
+
+# ---------------------------------------------------------------------------
+# Prefill in 16-bit integers.  Weights decode to int16 with the sub-block scales
+# folded in (Q4_K: sc * q, |.| <= 945; Q6_K: sc * (q - 32), |.| <= 4096), the
+# activations are rounded to int16 (14 bits per 256-value block, one float scale
+# each), and the products are summed exactly in int32 per scale block; the float
+# scales (weight d x activation scale) and the minimums come after, once per block.
+# The int16 dot is LLVM vector IR of the form sum(sext(a_2k) * sext(b_2k) +
+# sext(a_2k+1) * sext(b_2k+1)), which x86 lowers to vpmaddwd (vpdpwssd with
+# AVX-512 VNNI / AVX-VNNI): 32 multiply-adds per instruction, twice float32 FMA.
+# The weight tile is 16 rows interleaved by column pairs, [pair][row][2], so one
+# vector holds a column pair of 16 rows and meets a broadcast activation pair:
+# each lane is one output row, and the tile needs no horizontal sums at all.
+# Activations at 14 bits are 64x finer than llama.cpp's int8 (Q8_K) ones.
+# ---------------------------------------------------------------------------
+
+_I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
+_I16_T = 8      # activation rows per tile (vector accumulators)
+_X16_MAX = 16383.0  # |x| <= 2^14 - 1: 8 products of |w| <= 4096 per int32 lane stay < 2^31
+
+
+def _ir_data(context, builder, arr_ty, arr, elem):
+    """The array's data pointer as elem*."""
+    return builder.bitcast(context.make_array(arr_ty)(context, builder, arr).data, elem.as_pointer())
+
+
+def _ir_vload(builder, ptr, off, vty, align):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=align)
+
+
+def _ir_vstore(builder, v, ptr, off, align):
+    builder.store(v, builder.bitcast(builder.gep(ptr, [off]), v.type.as_pointer()), align=align)
+
+
+def _ir_splat(builder, v, n):
+    vt = llir.VectorType(v.type, n)
+    x = builder.insert_element(llir.Constant(vt, None), v, llir.Constant(llir.IntType(32), 0))
+    return builder.shuffle_vector(x, llir.Constant(vt, None),
+                                  llir.Constant(llir.VectorType(llir.IntType(32), n), [0] * n))
+
+
+def _i16_tile_intrinsic(T):
+    """f(wb, wo, P, xq, xo, xstride, dsc, do, xd, xdo, xdstride, acc, ao): for t < T
+    and lanes a < 16, with wb16 / xq16 the arrays' data as int16,
+      isum[t, a] = sum over p < P of wb16[wo + 32p + 2a + {0,1}] * xq16[xo + t*xstride + 2p + {0,1}]
+    exactly in int32, then
+      acc[ao + 16t + a] += float(isum[t, a]) * (dsc[do + a] * xd[xdo + t*xdstride])."""
+
+    @intrinsic
+    def tile(typingctx, wb, wo, P, xq, xo, xstride, dsc, do, xd, xdo, xdstride, acc, ao):
+        sig = types.void(wb, wo, P, xq, xo, xstride, dsc, do, xd, xdo, xdstride, acc, ao)
+
+        def codegen(context, builder, signature, args):
+            wa, wo_, p_n, xa, xo_, xs_, da, do_, xda, xdo_, xds_, aa, ao_ = args
+            aty = signature.args
+            i16, i32, i64, f32 = llir.IntType(16), llir.IntType(32), llir.IntType(64), llir.FloatType()
+            v32i16, v16i32, v32i32 = (llir.VectorType(i16, 32), llir.VectorType(i32, 16),
+                                      llir.VectorType(i32, 32))
+            v16f = llir.VectorType(f32, 16)
+            c64 = lambda k: llir.Constant(i64, k)  # noqa: E731
+            wp = _ir_data(context, builder, aty[0], wa, i16)
+            xp = _ir_data(context, builder, aty[3], xa, i16)
+            accs = [cgutils.alloca_once_value(builder, llir.Constant(v16i32, None)) for _ in range(T)]
+            even = llir.Constant(v16i32, list(range(0, 32, 2)))
+            odd = llir.Constant(v16i32, list(range(1, 32, 2)))
+            xrow = [builder.add(xo_, builder.mul(xs_, c64(t))) for t in range(T)]
+            with cgutils.for_range(builder, p_n) as loop:
+                p = loop.index
+                ws = builder.sext(_ir_vload(builder, wp, builder.add(wo_, builder.mul(p, c64(32))),
+                                            v32i16, 2), v32i32)
+                p2 = builder.mul(p, c64(2))
+                for t in range(T):
+                    xv = builder.load(builder.bitcast(builder.gep(xp, [builder.add(xrow[t], p2)]),
+                                                      i32.as_pointer()), align=2)
+                    xx = builder.sext(builder.bitcast(_ir_splat(builder, xv, 16), v32i16), v32i32)
+                    prod = builder.mul(ws, xx)
+                    pair = builder.add(builder.shuffle_vector(prod, prod, even),
+                                       builder.shuffle_vector(prod, prod, odd))
+                    builder.store(builder.add(builder.load(accs[t]), pair), accs[t])
+            dv = _ir_vload(builder, _ir_data(context, builder, aty[6], da, f32), do_, v16f, 4)
+            xdp = _ir_data(context, builder, aty[8], xda, f32)
+            ap = _ir_data(context, builder, aty[11], aa, f32)
+            for t in range(T):
+                xdt = builder.load(builder.gep(xdp, [builder.add(xdo_, builder.mul(xds_, c64(t)))]))
+                scale = builder.fmul(dv, _ir_splat(builder, xdt, 16))
+                ao_t = builder.add(ao_, c64(16 * t))
+                old = _ir_vload(builder, ap, ao_t, v16f, 4)
+                new = builder.fadd(old, builder.fmul(builder.sitofp(builder.load(accs[t]), v16f), scale))
+                _ir_vstore(builder, new, ap, ao_t, 4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+@intrinsic
+def _min_tile(typingctx, mn, G, xs, xso, xsstride, acc, ao, T):
+    """For t < T, lanes a < 16: acc[ao + 16t + a] += sum over g < G of
+    mn[16g + a] * xs[xso + t*xsstride + g] (float32; the formats' minimums)."""
+    sig = types.void(mn, G, xs, xso, xsstride, acc, ao, T)
+
+    def codegen(context, builder, signature, args):
+        ma, g_n, xa, xso_, xss_, aa, ao_, t_n = args
+        aty = signature.args
+        i64, f32 = llir.IntType(64), llir.FloatType()
+        v16f = llir.VectorType(f32, 16)
+        mp = _ir_data(context, builder, aty[0], ma, f32)
+        xp = _ir_data(context, builder, aty[2], xa, f32)
+        ap = _ir_data(context, builder, aty[5], aa, f32)
+        with cgutils.for_range(builder, t_n) as tl:
+            t = tl.index
+            ao_t = builder.add(ao_, builder.mul(t, llir.Constant(i64, 16)))
+            xrow = builder.add(xso_, builder.mul(t, xss_))
+            s = cgutils.alloca_once_value(builder, _ir_vload(builder, ap, ao_t, v16f, 4))
+            with cgutils.for_range(builder, g_n) as gl:
+                g = gl.index
+                mv = _ir_vload(builder, mp, builder.mul(g, llir.Constant(i64, 16)), v16f, 4)
+                xg = builder.load(builder.gep(xp, [builder.add(xrow, g)]))
+                builder.store(builder.fadd(builder.load(s), builder.fmul(mv, _ir_splat(builder, xg, 16))), s)
+            _ir_vstore(builder, builder.load(s), ap, ao_t, 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_i16_tile = _i16_tile_intrinsic(_I16_T)
+
+
+@njit(cache=True, inline="always")
+def _has_i16(type_id):
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
+            or type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q6_K)
+
+
+@njit(cache=True, fastmath=_FM)
+def quantize_x16(x, xq, xd, xs16):
+    """x[cols] -> int16 per chunk of 256 (the last may be shorter, a multiple of 32):
+    x ~ xd[k] * xq, |xq| <= 16383 (the chunk's largest |x| maps to 16383), and
+    xs16[g] = xd[k] * sum(xq) over each 16 values (for the formats' minimums)."""
+    cols = x.shape[0]
+    for k in range((cols + 255) // 256):
+        c0 = 256 * k
+        m = min(256, cols - c0)
+        xb = x[c0:c0 + m]
+        amax = np.float32(0.0)
+        for j in range(m):
+            amax = max(amax, abs(xb[j]))
+        inv = np.float32(_X16_MAX) / amax if amax > 0 else np.float32(0.0)
+        d = amax / np.float32(_X16_MAX)
+        xd[k] = d
+        for g in range(m // 16):
+            s = 0
+            for j in range(16 * g, 16 * g + 16):
+                v = np.int32(np.rint(xb[j] * inv))
+                xq[c0 + j] = v
+                s += v
+            xs16[c0 // 16 + g] = d * np.float32(s)
+
+
+@njit(cache=True, inline="always")
+def _put16(wb, a, e, v):
+    """Weight e of tile row a into the [pair][row][2] layout."""
+    wb[e >> 1, a, e & 1] = v
+
+
+@njit(cache=True)
+def _dec16(type_id, w, c0, m, wb, a, dsc, mn):
+    """Columns c0..c0+m-1 (c0 a multiple of 256) of weight row w into tile row a of
+    wb as int16 with sub-block scales folded in; dsc[s, a] = float scale of the
+    s-th 32 (legacy) or 256 (k-quant) columns; mn[g, a] = float offset added to
+    every weight of the g-th 16 columns (0 for formats without a minimum)."""
+    if type_id == GGML_Q4_K:
+        blk = w[(c0 // 256) * 144:(c0 // 256) * 144 + 144]
+        dsc[0, a] = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        for j in range(8):
+            sc, mi = _k_scale_min(blk, 4, j)
+            mn[2 * j, a] = mn[2 * j + 1, a] = -(dmin * np.float32(mi))
+            qs = blk[16 + (j >> 1) * 32:16 + (j >> 1) * 32 + 32]
+            sh = 4 * (j & 1)
+            for l in range(32):
+                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * ((qs[l] >> sh) & 0xF)))
+    elif type_id == GGML_Q6_K:
+        blk = w[(c0 // 256) * 210:(c0 // 256) * 210 + 210]
+        dsc[0, a] = _f16(blk, 208)
+        for h in range(2):
+            for t in range(4):
+                for half in range(2):
+                    e0 = h * 128 + t * 32 + half * 16
+                    sc = np.int32(np.int8(blk[192 + e0 // 16]))
+                    lo_o = h * 64 + (t & 1) * 32 + half * 16
+                    hi_o = 128 + h * 32 + half * 16
+                    for l in range(16):
+                        q = ((blk[lo_o + l] >> (4 * (t >> 1))) & 0xF) | (((blk[hi_o + l] >> (2 * t)) & 3) << 4)
+                        _put16(wb, a, e0 + l, np.int16(sc * (np.int32(q) - 32)))
+    elif type_id == GGML_Q5_K:
+        blk = w[(c0 // 256) * 176:(c0 // 256) * 176 + 176]
+        dsc[0, a] = _f16(blk, 0)
+        dmin = _f16(blk, 2)
+        for j in range(8):
+            sc, mi = _k_scale_min(blk, 4, j)
+            mn[2 * j, a] = mn[2 * j + 1, a] = -(dmin * np.float32(mi))
+            qs = blk[48 + (j >> 1) * 32:48 + (j >> 1) * 32 + 32]
+            sh = 4 * (j & 1)
+            for l in range(32):
+                q = ((qs[l] >> sh) & 0xF) | (((blk[16 + l] >> j) & 1) << 4)
+                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * q))
+    else:  # legacy blocks of 32
+        for b in range(m // 32):
+            i = c0 // 32 + b
+            if type_id == GGML_Q8_0:
+                o = i * 34
+                dsc[b, a] = _f16(w, o)
+                for l in range(32):
+                    _put16(wb, a, 32 * b + l, np.int16(np.int8(w[o + 2 + l])))
+            else:
+                legacy1 = type_id == GGML_Q4_1
+                o = i * 20 if legacy1 else i * 18
+                dsc[b, a] = _f16(w, o)
+                if legacy1:
+                    mn[2 * b, a] = mn[2 * b + 1, a] = _f16(w, o + 2)
+                off = 0 if legacy1 else 8
+                qo = o + 4 if legacy1 else o + 2
+                for l in range(16):
+                    v = np.int32(w[qo + l])
+                    _put16(wb, a, 32 * b + l, np.int16((v & 0xF) - off))
+                    _put16(wb, a, 32 * b + 16 + l, np.int16((v >> 4) - off))
+
+
+@njit(cache=True, inline="always")
+def _has_min(type_id):
+    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _matmul_i16(type_id, W, X, out):
+    """out = X @ dequant(W).T through int16 tiles (see above); X has n > 1 rows."""
+    rows = W.shape[0]
+    n = X.shape[0]
+    cols = X.shape[1]
+    T = _I16_T
+    n_pad = (n + T - 1) // T * T
+    n_chunks = (cols + 255) // 256
+    xq = np.zeros((n_pad, cols), np.int16)
+    xd = np.zeros((n_pad, n_chunks), np.float32)
+    xs = np.zeros((n_pad, cols // 16), np.float32)
+    for r in prange(n):
+        quantize_x16(X[r], xq[r], xd[r], xs[r])
+    sb = _block_size_nb(type_id)  # columns per float scale: 32 or 256
+    has_min = _has_min(type_id)
+    n_tiles = (rows + _I16_ROWS - 1) // _I16_ROWS
+    n_tasks = min(n_tiles, _N_TASKS)
+    per_task = (n_tiles + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
+    for task in prange(n_tasks):
+        wb = np.zeros((128, _I16_ROWS, 2), np.int16)
+        dsc = np.zeros((8, _I16_ROWS), np.float32)
+        mn = np.zeros((16, _I16_ROWS), np.float32)
+        acc = np.empty((n_pad, _I16_ROWS), np.float32)
+        for tile in range(task * per_task, min(n_tiles, (task + 1) * per_task)):
+            i0 = tile * _I16_ROWS
+            k = min(_I16_ROWS, rows - i0)
+            acc[:, :] = 0.0
+            for ch in range(n_chunks):
+                c0 = 256 * ch
+                m = min(256, cols - c0)
+                for a in range(k):
+                    _dec16(type_id, W[i0 + a], c0, m, wb, a, dsc, mn)
+                if k < _I16_ROWS:  # a short last tile: zero rows, outputs dropped
+                    wb[:, k:, :] = 0
+                    dsc[:, k:] = 0.0
+                    mn[:, k:] = 0.0
+                for t0 in range(0, n_pad, T):
+                    for s in range(m // sb):
+                        _i16_tile(wb, s * (sb // 2) * 2 * _I16_ROWS, sb // 2, xq, t0 * cols + c0 + s * sb,
+                                  cols, dsc, s * _I16_ROWS, xd, t0 * n_chunks + ch, n_chunks,
+                                  acc, t0 * _I16_ROWS)
+                    if has_min:
+                        _min_tile(mn, m // 16, xs, t0 * (cols // 16) + c0 // 16, cols // 16,
+                                  acc, t0 * _I16_ROWS, T)
+            for t in range(n):
+                for a in range(k):
+                    out[t, i0 + a] = acc[t, a]
 
 
 # ---------------------------------------------------------------------------

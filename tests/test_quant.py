@@ -242,6 +242,59 @@ def test_matmul_q8_decode_path(tid):
         assert _rel_err(out, model[None]) < 1e-5
 
 
+I16_TYPES = [t for t in TYPES if quant._has_i16(t)]
+
+
+@pytest.mark.parametrize("tid", I16_TYPES, ids=NAMES.get)
+def test_matmul_q8_prefill_path(tid):
+    """The engine's batched matmul (int16 tiles, activations rounded to 14 bits per
+    256): exact where int16 represents x exactly, within that rounding otherwise;
+    a short last tile (37 rows), batch sizes off the 8-row tile, a partial chunk."""
+    rng = np.random.default_rng(4000 + tid)
+    cols = _cols_for(tid)
+    rows = 37
+    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    Wd = _ref(W, tid).astype(np.float64)
+    for n in (2, 9, 17):
+        # integers with |q| <= 16383, one +-16383 per 256-value chunk, times 2^-14
+        q = rng.integers(-16383, 16384, (n, cols)).astype(np.float32)
+        q[:, ::256] = 16383 * np.sign(q[:, ::256] + 0.5)
+        X = q * np.float32(2.0 ** -14)
+        out = np.full((n, rows), np.nan, np.float32)
+        quant.matmul_q8(tid, W, X, out)
+        assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 1e-5, n
+        X = rng.standard_normal((n, cols)).astype(np.float32)
+        quant.matmul_q8(tid, W, X, out)
+        assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 3e-4, n
+
+
+@pytest.mark.parametrize("tid", [quant.GGML_Q4_K, quant.GGML_Q6_K], ids=NAMES.get)
+def test_kquant_dot_without_vnni(tid, monkeypatch):
+    """The whole-row Q4_K / Q6_K dots use vpdpbusd on AVX-512 VNNI CPUs; the plain
+    IR they fall back to elsewhere must give the same integers (same result bits)."""
+    from numba import njit
+
+    rng = np.random.default_rng(5000 + tid)
+    cols = 256 * 3
+    w = quant._as_u8_readonly(_weights_for(tid, 1, cols, rng), 2)[0]
+    xq = np.empty(cols, np.int8)
+    xd = np.empty(cols // 256, np.float32)
+    xs = np.empty(cols // 16, np.int32)
+    quant.quantize_q8(rng.standard_normal(cols).astype(np.float32), 256, xq, xd, xs)
+    kernel = quant._qdot_q4_k if tid == quant.GGML_Q4_K else quant._qdot_q6_k
+
+    def build():
+        return njit(lambda w, xq, xd, xs: kernel(w, xq, xd, xs, 3))
+
+    results = []
+    for vnni in (quant._VNNI512, False):
+        monkeypatch.setattr(quant, "_VNNI512", vnni)
+        results.append(build()(w, xq, xd, xs))
+    assert results[0] == results[1]
+    Wd = _ref(w.reshape(1, -1), tid).astype(np.float64)[0]
+    model = Wd @ (xq.reshape(-1, 256) * xd[:, None].astype(np.float64)).reshape(-1)
+    assert abs(results[1] - model) <= 1e-5 * np.abs(Wd).sum() * np.abs(xd).max() * 127
+
 def test_fused_kernels_on_real_weights(real_models):
     """matvec (fused) and batched matmul on 64 rows of one real matrix per type and file."""
     rng = np.random.default_rng(11)
