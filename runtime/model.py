@@ -1,8 +1,9 @@
 """LLaMA / Qwen2 / Qwen3 forward pass over memory-mapped quantized weights.
 
 Weights stay in the GGUF file's blocks (zero-copy uint8 views); every matmul goes
-through ``quant.matmul_q8`` / ``quant.matvec3``, which decode blocks on the fly.  Only norms and biases
-(tiny, F32) and the embedding rows of the tokens being evaluated are dequantized.
+through ``quant.matmul_q8`` / ``quant.matmul3_q8``, which decode blocks on the fly.
+Only norms and biases (tiny, F32) and the embedding rows of the tokens being
+evaluated are dequantized.
 
 All layers run in one compiled call (``forward_layers``, which finds each weight
 matrix in the memory-mapped file by offset), so Python pays one dispatch per
@@ -109,31 +110,44 @@ class Layer:
 
 
 @njit(cache=True)
-def _linear(x, w, type_id, rows):
+def _linear(x, w, type_id, rows, exact):
     out = np.empty((x.shape[0], rows), np.float32)
-    quant.matmul_q8(type_id, w, x, out)
+    if exact:
+        quant.matmul(type_id, w, x, out)
+    else:
+        quant.matmul_q8(type_id, w, x, out)
     return out
+
+
+@njit(cache=True)
+def _linear3(t0, w0, t1, w1, t2, w2, x, out0, out1, out2, exact):
+    """Three projections of one x (w2 may have zero rows).  exact: float32
+    activations (quant.matmul); else rounded to integers once for all three, as
+    llama.cpp does (quant.matmul3_q8)."""
+    if exact:
+        quant.matmul(t0, w0, x, out0)
+        quant.matmul(t1, w1, x, out1)
+        if w2.shape[0] > 0:
+            quant.matmul(t2, w2, x, out2)
+    else:
+        quant.matmul3_q8(t0, w0, t1, w1, t2, w2, x, out0, out1, out2)
 
 
 @njit(cache=True)
 def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to, bq, bk, bv,
                       q_norm, k_norm, ffn_norm, wg, tg, wu, tu, wd, td, k_cache, v_cache,
-                      n_heads, n_kv_heads, inv_freq, neox, eps, capture):
-    """x[n, d] += attention(rms_norm(x)); x += ffn(rms_norm(x)), appending K/V to the cache."""
+                      n_heads, n_kv_heads, inv_freq, neox, eps, capture, exact):
+    """x[n, d] += attention(rms_norm(x)); x += ffn(rms_norm(x)), appending K/V to the cache.
+    exact: float32 activations into every matmul (attention inspection)."""
     n, d = x.shape
     hdk = k_cache.shape[2]
     hdv = v_cache.shape[2]
     h = np.empty_like(x)
     ops.rms_norm(x, attn_norm, eps, h)
-    if n == 1:  # decode: one parallel launch for the three projections
-        q = np.empty((1, n_heads * hdk), np.float32)
-        k = np.empty((1, n_kv_heads * hdk), np.float32)
-        v = np.empty((1, n_kv_heads * hdv), np.float32)
-        quant.matvec3(tq, wq, tk, wk, tv, wv, h, q, k, v)
-    else:
-        q = _linear(h, wq, tq, n_heads * hdk)
-        k = _linear(h, wk, tk, n_kv_heads * hdk)
-        v = _linear(h, wv, tv, n_kv_heads * hdv)
+    q = np.empty((n, n_heads * hdk), np.float32)
+    k = np.empty((n, n_kv_heads * hdk), np.float32)
+    v = np.empty((n, n_kv_heads * hdv), np.float32)
+    _linear3(tq, wq, tk, wk, tv, wv, h, q, k, v, exact)
     if bq.shape[0] > 0:
         ops.add_bias(q, bq)
         ops.add_bias(k, bk)
@@ -147,17 +161,13 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     att = np.empty((n, n_heads * hdv), np.float32)
     ops.attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads,
                   np.float32(1.0 / np.sqrt(hdk)), att, capture)
-    ops.add(x, _linear(att, wo, to, d))
+    ops.add(x, _linear(att, wo, to, d, exact))
     ops.rms_norm(x, ffn_norm, eps, h)
-    if n == 1:
-        gate = np.empty((1, wg.shape[0]), np.float32)
-        up = np.empty((1, wu.shape[0]), np.float32)
-        quant.matvec3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:, :0])
-    else:
-        gate = _linear(h, wg, tg, wg.shape[0])
-        up = _linear(h, wu, tu, wu.shape[0])
+    gate = np.empty((n, wg.shape[0]), np.float32)
+    up = np.empty((n, wu.shape[0]), np.float32)
+    _linear3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:, :0], exact)
     ops.swiglu(gate, up, gate)
-    ops.add(x, _linear(gate, wd, td, d))
+    ops.add(x, _linear(gate, wd, td, d, exact))
 
 
 # Matrix slots of one layer in Model.mats[layer, slot] = (byte offset, rows, row bytes, type).
@@ -178,9 +188,11 @@ def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, 
     blob: the whole GGUF file (read-only uint8 memory map); mats[l, slot]: where
     each weight matrix lies in it.  Per-layer vectors are rows of 2-D arrays (zero
     columns when the model has none).  capture[cap_index[l]] receives layer l's
-    attention weights when cap_index[l] >= 0.
+    attention weights when cap_index[l] >= 0; then every layer runs with float32
+    activations (exact), so that the maps are the reference math's to float32.
     """
     empty3 = np.zeros((0, 0, 0), np.float32)
+    exact = capture.shape[0] > 0
     for l in range(mats.shape[0]):
         m = mats[l]
         ci = cap_index[l]
@@ -190,7 +202,7 @@ def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, 
             _mat(blob, m[WQ]), m[WQ, 3], _mat(blob, m[WK]), m[WK, 3], _mat(blob, m[WV]), m[WV, 3],
             _mat(blob, m[WO]), m[WO, 3], bq[l], bk[l], bv[l], q_norm[l], k_norm[l], ffn_norm[l],
             _mat(blob, m[WG]), m[WG, 3], _mat(blob, m[WU]), m[WU, 3], _mat(blob, m[WD]), m[WD, 3],
-            k_cache[l], v_cache[l], n_heads, n_kv_heads, inv_freq, neox, eps, cap)
+            k_cache[l], v_cache[l], n_heads, n_kv_heads, inv_freq, neox, eps, cap, exact)
 
 
 class Model:
@@ -327,7 +339,11 @@ class Model:
         return self._scratch_session(len(ids)).eval(ids, all_logits=True)
 
     def attention(self, ids, layers=None) -> np.ndarray:
-        """Softmax weights the engine computes: float32 [len(layers), n_heads, q, k] (k = q = len(ids))."""
+        """Softmax weights the engine computes: float32 [len(layers), n_heads, q, k] (k = q = len(ids)).
+
+        This pass keeps float32 activations in every matmul (generation rounds
+        them to integers as llama.cpp does), so the maps are the model's own to
+        float32 rounding (1e-4 against the NumPy reference, tests/test_attention.py)."""
         ids = list(ids)
         a = self.args
         if layers is None:

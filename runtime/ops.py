@@ -248,12 +248,22 @@ def _weighted_values4(p, v_cache, g, L, acc):
             a3[j] += p3 * v
 
 
+@njit(cache=True, inline="always")
+def _max_f32(x, L):
+    """max(x[:L]) (L >= 1) through float bits mapped to order-preserving int32
+    (negatives get their magnitude bits flipped): an integer max vectorises,
+    LLVM leaves a float max a scalar chain of 4 cycles per value."""
+    m = np.int32(-2147483648)
+    for t in range(L):
+        b = np.int32(_f32_as_bits(x[t]))
+        m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return _bits_as_f32(np.uint32(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+
+
 @njit(cache=True, fastmath=_FM)
 def _softmax_causal(sc, L):
     """In place softmax of sc[:L] (max subtracted; float64 normaliser); sc[L:] = 0."""
-    mx = np.float32(-np.inf)
-    for t in range(L):
-        mx = max(mx, sc[t])
+    mx = _max_f32(sc, L)
     tot = 0.0
     for t in range(L):
         e = exp_f32(sc[t] - mx)

@@ -1415,7 +1415,7 @@ def matmul_q8(type_id, W, X, out):
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
     elif _has_i16(type_id):
-        _matmul_i16(type_id, W, X, out)
+        _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:, :0], out[:, :0])
     else:
         _matmul_chunked(type_id, W, X, out)
 
@@ -1514,6 +1514,21 @@ def matvec3(t0, W0, t1, W1, t2, W2, x, out0, out1, out2):
                     out2[0, j] = _row_dot_q8(t2, W2[j], a32, ak, nb2)
                 else:
                     out2[0, j] = _row_dot(t2, W2[j], x[0], xsum[0], nb2)
+
+
+@njit(cache=True)
+def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
+    """matmul_q8 of one X by three matrices (Q, K, V; or gate and up with W2 of zero
+    rows): X is rounded once and all three share one parallel region."""
+    if X.shape[0] <= FUSED_MAX_N:
+        matvec3(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
+    elif _has_i16(t0) and _has_i16(t1) and _has_i16(t2):
+        _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
+    else:
+        matmul_q8(t0, W0, X, out0)
+        matmul_q8(t1, W1, X, out1)
+        if W2.shape[0] > 0:
+            matmul_q8(t2, W2, X, out2)
 
 
 @njit(parallel=True, cache=True)
@@ -1793,54 +1808,73 @@ def _has_min(type_id):
     return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1
 
 
+@njit(cache=True, fastmath=_FM)
+def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc):
+    """acc[:n_pad, :k] = xq-rounded X @ dequant(W[i0:i0+k]).T: one tile of k <= 16 rows."""
+    cols = xq.shape[1]
+    n_chunks = xd.shape[1]
+    T = _I16_T
+    sb = _block_size_nb(type_id)  # columns per float scale: 32 or 256
+    acc[:, :] = 0.0
+    for ch in range(n_chunks):
+        c0 = 256 * ch
+        m = min(256, cols - c0)
+        for a in range(k):
+            _dec16(type_id, W[i0 + a], c0, m, wb, a, dsc, mn)
+        if k < _I16_ROWS:  # a short last tile: zero rows, outputs dropped
+            wb[:, k:, :] = 0
+            dsc[:, k:] = 0.0
+            mn[:, k:] = 0.0
+        for t0 in range(0, n_pad, T):
+            for s in range(m // sb):
+                _i16_tile(wb, s * (sb // 2) * 2 * _I16_ROWS, sb // 2, xq, t0 * cols + c0 + s * sb,
+                          cols, dsc, s * _I16_ROWS, xd, t0 * n_chunks + ch, n_chunks,
+                          acc, t0 * _I16_ROWS)
+            if _has_min(type_id):
+                _min_tile(mn, m // 16, xs, t0 * (cols // 16) + c0 // 16, cols // 16,
+                          acc, t0 * _I16_ROWS, T)
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _matmul_i16(type_id, W, X, out):
-    """out = X @ dequant(W).T through int16 tiles (see above); X has n > 1 rows."""
-    rows = W.shape[0]
+def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
+    """out_j = X @ dequant(W_j).T for j = 0..2 through int16 tiles (see above), X
+    rounded once and the tiles of all three matrices shared out in one parallel
+    region (Q, K and V; gate and up with W2 of zero rows).  X has n > 1 rows."""
     n = X.shape[0]
     cols = X.shape[1]
-    T = _I16_T
-    n_pad = (n + T - 1) // T * T
-    n_chunks = (cols + 255) // 256
+    n_pad = (n + _I16_T - 1) // _I16_T * _I16_T
     xq = np.zeros((n_pad, cols), np.int16)
-    xd = np.zeros((n_pad, n_chunks), np.float32)
+    xd = np.zeros((n_pad, (cols + 255) // 256), np.float32)
     xs = np.zeros((n_pad, cols // 16), np.float32)
     for r in prange(n):
         quantize_x16(X[r], xq[r], xd[r], xs[r])
-    sb = _block_size_nb(type_id)  # columns per float scale: 32 or 256
-    has_min = _has_min(type_id)
-    n_tiles = (rows + _I16_ROWS - 1) // _I16_ROWS
+    R = _I16_ROWS
+    n0 = (W0.shape[0] + R - 1) // R
+    n1 = (W1.shape[0] + R - 1) // R
+    n_tiles = n0 + n1 + (W2.shape[0] + R - 1) // R
     n_tasks = min(n_tiles, _N_TASKS)
     per_task = (n_tiles + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for task in prange(n_tasks):
-        wb = np.zeros((128, _I16_ROWS, 2), np.int16)
-        dsc = np.zeros((8, _I16_ROWS), np.float32)
-        mn = np.zeros((16, _I16_ROWS), np.float32)
-        acc = np.empty((n_pad, _I16_ROWS), np.float32)
+        wb = np.zeros((128, R, 2), np.int16)
+        dsc = np.zeros((8, R), np.float32)
+        mn = np.zeros((16, R), np.float32)
+        acc = np.empty((n_pad, R), np.float32)
         for tile in range(task * per_task, min(n_tiles, (task + 1) * per_task)):
-            i0 = tile * _I16_ROWS
-            k = min(_I16_ROWS, rows - i0)
-            acc[:, :] = 0.0
-            for ch in range(n_chunks):
-                c0 = 256 * ch
-                m = min(256, cols - c0)
-                for a in range(k):
-                    _dec16(type_id, W[i0 + a], c0, m, wb, a, dsc, mn)
-                if k < _I16_ROWS:  # a short last tile: zero rows, outputs dropped
-                    wb[:, k:, :] = 0
-                    dsc[:, k:] = 0.0
-                    mn[:, k:] = 0.0
-                for t0 in range(0, n_pad, T):
-                    for s in range(m // sb):
-                        _i16_tile(wb, s * (sb // 2) * 2 * _I16_ROWS, sb // 2, xq, t0 * cols + c0 + s * sb,
-                                  cols, dsc, s * _I16_ROWS, xd, t0 * n_chunks + ch, n_chunks,
-                                  acc, t0 * _I16_ROWS)
-                    if has_min:
-                        _min_tile(mn, m // 16, xs, t0 * (cols // 16) + c0 // 16, cols // 16,
-                                  acc, t0 * _I16_ROWS, T)
-            for t in range(n):
-                for a in range(k):
-                    out[t, i0 + a] = acc[t, a]
+            if tile < n0:
+                i0 = tile * R
+                k = min(R, W0.shape[0] - i0)
+                _i16_tile_rows(t0, W0, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                out0[:, i0:i0 + k] = acc[:n, :k]
+            elif tile < n0 + n1:
+                i0 = (tile - n0) * R
+                k = min(R, W1.shape[0] - i0)
+                _i16_tile_rows(t1, W1, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                out1[:, i0:i0 + k] = acc[:n, :k]
+            else:
+                i0 = (tile - n0 - n1) * R
+                k = min(R, W2.shape[0] - i0)
+                _i16_tile_rows(t2, W2, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                out2[:, i0:i0 + k] = acc[:n, :k]
 
 
 # ---------------------------------------------------------------------------
