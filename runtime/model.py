@@ -165,7 +165,7 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     ops.rms_norm(x, ffn_norm, eps, h)
     gate = np.empty((n, wg.shape[0]), np.float32)
     up = np.empty((n, wu.shape[0]), np.float32)
-    _linear3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:, :0], exact)
+    _linear3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:0], exact)
     ops.swiglu(gate, up, gate)
     ops.add(x, _linear(gate, wd, td, d, exact))
 

@@ -1415,7 +1415,7 @@ def matmul_q8(type_id, W, X, out):
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
     elif _has_i16(type_id):
-        _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:, :0], out[:, :0])
+        _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:0], out[:0])
     else:
         _matmul_chunked(type_id, W, X, out)
 
