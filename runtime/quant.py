@@ -969,62 +969,33 @@ def _row_dot(type_id, w, x, xsum, nb):
 
 # ---------------------------------------------------------------------------
 # Decode with 8-bit activations, as llama.cpp does: x is quantized once per
-# matvec to int8 with one float scale per 32 values (like Q8_0), and each block
-# becomes an integer dot product, sum(q_w * q_x), then one float multiply.  The
-# integer dots are LLVM vector IR (below): on CPUs with AVX-512 VNNI / AVX-VNNI
-# they compile to vpdpbusd (64 u8 x s8 products per instruction); numba's own
-# integer arithmetic widens everything to int64 and cannot get there.
-# Only the engine's decode path uses this (it adds the int8 rounding of x that
-# llama.cpp also adds); matvec / dot and prefill keep float32 activations.
+# matvec to int8 with one float scale per 32 values (like Q8_0; per 256 for the
+# k-quants, like Q8_K), and each block becomes an integer dot product,
+# sum(q_w * q_x), then one float multiply.  The integer dots are LLVM vector IR
+# (below): with AVX-512 VNNI they are vpdpbusd (64 u8 x s8 products per
+# instruction), elsewhere the same sums in plain IR; numba's own integer
+# arithmetic widens everything to int64 and cannot get there.  Only the engine
+# (matmul_q8) uses this; matvec / dot keep float32 activations.
 # ---------------------------------------------------------------------------
 
-def _ir_bytes(context, builder, arr_ty, arr, off, n):
-    """<n x i8> loaded from arr.data + off (unaligned)."""
-    a = context.make_array(arr_ty)(context, builder, arr)
-    v8 = llir.VectorType(llir.IntType(8), n)
-    return builder.load(builder.bitcast(builder.gep(a.data, [off]), v8.as_pointer()), align=1)
+def _ir_data(context, builder, arr_ty, arr, elem):
+    """The array's data pointer as elem*."""
+    return builder.bitcast(context.make_array(arr_ty)(context, builder, arr).data, elem.as_pointer())
 
 
-def _ir_splat8(builder, v, n):
-    """An integer scalar truncated to i8 and broadcast to <n x i8>."""
-    v8 = llir.VectorType(llir.IntType(8), n)
-    x = builder.insert_element(llir.Constant(v8, None), builder.trunc(v, llir.IntType(8)),
-                               llir.Constant(llir.IntType(32), 0))
-    return builder.shuffle_vector(x, llir.Constant(v8, None),
+def _ir_vload(builder, ptr, off, vty, align):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=align)
+
+
+def _ir_vstore(builder, v, ptr, off, align):
+    builder.store(v, builder.bitcast(builder.gep(ptr, [off]), v.type.as_pointer()), align=align)
+
+
+def _ir_splat(builder, v, n):
+    vt = llir.VectorType(v.type, n)
+    x = builder.insert_element(llir.Constant(vt, None), v, llir.Constant(llir.IntType(32), 0))
+    return builder.shuffle_vector(x, llir.Constant(vt, None),
                                   llir.Constant(llir.VectorType(llir.IntType(32), n), [0] * n))
-
-
-def _ir_udot(builder, u8, q8, n):
-    """sum_j zext(u8_j) * sext(q8_j) as i32: the pattern LLVM lowers to vpdpbusd."""
-    i32 = llir.IntType(32)
-    v32 = llir.VectorType(i32, n)
-    prod = builder.mul(builder.zext(u8, v32), builder.sext(q8, v32))
-    fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(i32, [v32]),
-                                        f"llvm.vector.reduce.add.v{n}i32")
-    return builder.call(fn, [prod])
-
-
-def _nib_dot_intrinsic(n):
-    """An intrinsic f(w, wo, shift, q, qo) -> int32: sum over j < n of
-    a_j * q[qo + j], q int8, where a_j is (w[wo + j] >> shift) & 15."""
-
-    @intrinsic
-    def dot(typingctx, w, wo, shift, q, qo):
-        sig = types.int32(w, wo, shift, q, qo)
-
-        def codegen(context, builder, signature, args):
-            wa, wo_, sh, qa, qo_ = args
-            wv = _ir_bytes(context, builder, signature.args[0], wa, wo_, n)
-            nib = builder.and_(builder.lshr(wv, _ir_splat8(builder, sh, n)),
-                               llir.Constant(wv.type, [15] * n))
-            return _ir_udot(builder, nib, _ir_bytes(context, builder, signature.args[3], qa, qo_, n), n)
-
-        return sig, codegen
-
-    return dot
-
-
-_nib_dot16 = _nib_dot_intrinsic(16)
 
 
 @njit(cache=True, inline="always")
@@ -1058,30 +1029,6 @@ def quantize_q8(x, bs, xq, xd, xs16):
         xs16[k] = t
 
 
-@njit(cache=True, fastmath=_FM)
-def _qdot_q4_0(w, xq, xd, xs16, nb):
-    acc = np.float32(0.0)
-    for i in range(nb):
-        o = i * 18
-        isum = (_nib_dot16(w, o + 2, 0, xq, 32 * i) + _nib_dot16(w, o + 2, 4, xq, 32 * i + 16)
-                - 8 * (xs16[2 * i] + xs16[2 * i + 1]))
-        acc += _f16_fast(w, o) * xd[i] * np.float32(isum)
-    return acc
-
-
-@njit(cache=True, fastmath=_FM)
-def _qdot_q4_1(w, xq, xd, xs16, nb):
-    acc = np.float32(0.0)
-    for i in range(nb):
-        o = i * 20
-        isum = _nib_dot16(w, o + 4, 0, xq, 32 * i) + _nib_dot16(w, o + 4, 4, xq, 32 * i + 16)
-        # the min term with the *rounded* x too: the rounding error then enters as
-        # sum(w * err) with the (centred) weights, not sum(d * q * err) with q >= 0
-        acc += xd[i] * (_f16_fast(w, o) * np.float32(isum)
-                        + _f16_fast(w, o + 2) * np.float32(xs16[2 * i] + xs16[2 * i + 1]))
-    return acc
-
-
 # Whole-row k-quant dots with 8-bit activations, one loop over super-blocks in
 # vector IR.  Each 64-byte vector of unsigned weights meets 64 int8 activations
 # in one u8 x s8 dot-of-four (vpdpbusd with AVX-512 VNNI): 16 int32 lanes, each
@@ -1100,21 +1047,22 @@ def _target_has(feature):
     return bool(llvm.get_host_cpu_features().get(feature, False))
 
 
-_VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw")
+_VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw") and _target_has("avx512vl")
 
 
 def _ir_dot4(builder, acc, u8, s8):
-    """acc (<16 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<64 x i8>
-    each): vpdpbusd where the CPU has it, otherwise the same sums in plain IR."""
+    """acc (<n/4 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<n x i8>
+    each, n = 32 or 64): vpdpbusd where the CPU has it, else the same sums in plain IR."""
+    n = u8.type.count
     i32 = llir.IntType(32)
-    v16 = llir.VectorType(i32, 16)
+    vq = llir.VectorType(i32, n // 4)
     if _VNNI512:
-        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v16, [v16, v16, v16]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, builder.bitcast(u8, v16), builder.bitcast(s8, v16)])
-    v64 = llir.VectorType(i32, 64)
-    prod = builder.mul(builder.zext(u8, v64), builder.sext(s8, v64))
-    parts = [builder.shuffle_vector(prod, prod, llir.Constant(v16, list(range(j, 64, 4)))) for j in range(4)]
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(vq, [vq, vq, vq]),
+                                            f"llvm.x86.avx512.vpdpbusd.{8 * n}")
+        return builder.call(fn, [acc, builder.bitcast(u8, vq), builder.bitcast(s8, vq)])
+    vn = llir.VectorType(i32, n)
+    prod = builder.mul(builder.zext(u8, vn), builder.sext(s8, vn))
+    parts = [builder.shuffle_vector(prod, prod, llir.Constant(vq, list(range(j, n, 4)))) for j in range(4)]
     return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
 
 
@@ -1252,19 +1200,92 @@ def _q6_k_block(builder, i, wp, xp, xdp, xsp):
     return builder.fmul(builder.fmul(d, xd), builder.sitofp(isum, f32))
 
 
+def _legacy_dot_intrinsic(kind):
+    """Whole-row dot of a legacy-format row (kind "q4_0", "q4_1" or "q8_0") with
+    int8 activation blocks of 32: f(w, xq, xd, xs16, nb) -> float32.  Per block the
+    32 integer products go through one u8 x s8 dot-of-four (8 int32 lanes), whose
+    lanes are scaled by d * xd and added to a vector float accumulator: one
+    horizontal sum per row, not per block.  Q4_0's -8 offset and Q4_1's minimum
+    use the blocks' activation sums (in int32 / float32); Q8_0's signed weights meet the vpdpbusd's
+    unsigned operand as |w| against sign(w) * x (|x| <= 127, so no overflow)."""
+    bsz = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[kind]
+    qoff = 4 if kind == "q4_1" else 2
+
+    @intrinsic
+    def ldot(typingctx, w, xq, xd, xs16, nb):
+        sig = types.float32(w, xq, xd, xs16, nb)
+
+        def codegen(context, builder, signature, args):
+            wa, xa, xda, xsa, nb_ = args
+            aty = signature.args
+            i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
+            c = lambda k: llir.Constant(i64, k)  # noqa: E731
+            v32 = llir.VectorType(i8, 32)
+            v16 = llir.VectorType(i8, 16)
+            v8i = llir.VectorType(i32, 8)
+            v8f = llir.VectorType(f32, 8)
+            wp = _ir_data(context, builder, aty[0], wa, i8)
+            xp = _ir_data(context, builder, aty[1], xa, i8)
+            xdp = _ir_data(context, builder, aty[2], xda, f32)
+            xsp = _ir_data(context, builder, aty[3], xsa, i32)
+            vacc = cgutils.alloca_once_value(builder, llir.Constant(v8f, [0.0] * 8))
+            sacc = cgutils.alloca_once_value(builder, llir.Constant(f32, 0.0))
+            n = builder.sext(nb_, i64) if nb_.type.width < 64 else nb_
+            with cgutils.for_range(builder, n) as loop:
+                i = loop.index
+                o = builder.mul(i, c(bsz))
+                x = _ir_vload(builder, xp, builder.mul(i, c(32)), v32, 1)
+                if kind == "q8_0":
+                    q = _ir_vload(builder, wp, builder.add(o, c(qoff)), v32, 1)
+                    neg = builder.icmp_signed("<", q, llir.Constant(v32, [0] * 32))
+                    u = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), q), q)
+                    x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
+                else:
+                    b = _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1)
+                    u = builder.shuffle_vector(builder.and_(b, llir.Constant(v16, [15] * 16)),
+                                               builder.lshr(b, llir.Constant(v16, [4] * 16)),
+                                               llir.Constant(llir.VectorType(i32, 32), list(range(32))))
+                v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
+                if kind != "q8_0":
+                    s0 = builder.load(builder.gep(xsp, [builder.mul(i, c(2))]))
+                    s1 = builder.load(builder.gep(xsp, [builder.add(builder.mul(i, c(2)), c(1))]))
+                    xs32 = builder.add(s0, s1)
+                if kind == "q4_0":  # sum((q - 8) * x) = sum(q * x) - 8 * sum(x), in lane 0
+                    v = builder.sub(v, builder.insert_element(
+                        llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, 8)),
+                        llir.Constant(i32, 0)))
+                d = _ir_f16(builder, wp, o)
+                xdi = builder.load(builder.gep(xdp, [i]))
+                dx = builder.fmul(d, xdi)
+                builder.store(builder.fadd(builder.load(vacc), builder.fmul(builder.sitofp(v, v8f),
+                                                                            _ir_splat(builder, dx, 8))), vacc)
+                if kind == "q4_1":  # the minimum against the rounded x's sum, as the k-quants do
+                    corr = builder.fmul(builder.fmul(_ir_f16(builder, wp, builder.add(o, c(2))), xdi),
+                                        builder.sitofp(xs32, f32))
+                    builder.store(builder.fadd(builder.load(sacc), corr), sacc)
+            fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(f32, [f32, v8f]),
+                                                "llvm.vector.reduce.fadd.v8f32")
+            return builder.call(fn, [builder.load(sacc), builder.load(vacc)], fastmath=("reassoc",))
+
+        return sig, codegen
+
+    return ldot
+
+
+_qdot_q4_0 = _legacy_dot_intrinsic("q4_0")
+_qdot_q4_1 = _legacy_dot_intrinsic("q4_1")
+_qdot_q8_0 = _legacy_dot_intrinsic("q8_0")
 _qdot_q4_k = _kdot_intrinsic(_q4_k_block)
 _qdot_q6_k = _kdot_intrinsic(_q6_k_block)
 
 
 @njit(cache=True)
 def _has_q8_dot(type_id):
-    # Q8_0 x int8 has no unsigned operand for vpdpbusd and measured slower than
-    # the float kernel, so Q8_0 weights keep float activations
-    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
             or type_id == GGML_Q4_K or type_id == GGML_Q6_K)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_dot_q8(type_id, w, a32, ak, nb):
     """a32 / ak: x as int8 blocks of 32 / 256 (xq, xd, xs16), see _activation_q8."""
     if type_id == GGML_Q4_K:
@@ -1274,6 +1295,8 @@ def _row_dot_q8(type_id, w, a32, ak, nb):
     xq, xd, xs16 = a32
     if type_id == GGML_Q4_0:
         return _qdot_q4_0(w, xq, xd, xs16, nb)
+    if type_id == GGML_Q8_0:
+        return _qdot_q8_0(w, xq, xd, xs16, nb)
     return _qdot_q4_1(w, xq, xd, xs16, nb)
 
 
@@ -1593,26 +1616,6 @@ def _matmul_chunked(type_id, W, X, out):
 _I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
 _I16_T = 8      # activation rows per tile (vector accumulators)
 _X16_MAX = 16383.0  # |x| <= 2^14 - 1: 8 products of |w| <= 4096 per int32 lane stay < 2^31
-
-
-def _ir_data(context, builder, arr_ty, arr, elem):
-    """The array's data pointer as elem*."""
-    return builder.bitcast(context.make_array(arr_ty)(context, builder, arr).data, elem.as_pointer())
-
-
-def _ir_vload(builder, ptr, off, vty, align):
-    return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=align)
-
-
-def _ir_vstore(builder, v, ptr, off, align):
-    builder.store(v, builder.bitcast(builder.gep(ptr, [off]), v.type.as_pointer()), align=align)
-
-
-def _ir_splat(builder, v, n):
-    vt = llir.VectorType(v.type, n)
-    x = builder.insert_element(llir.Constant(vt, None), v, llir.Constant(llir.IntType(32), 0))
-    return builder.shuffle_vector(x, llir.Constant(vt, None),
-                                  llir.Constant(llir.VectorType(llir.IntType(32), n), [0] * n))
 
 
 def _i16_tile_intrinsic(T):

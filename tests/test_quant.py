@@ -213,7 +213,7 @@ def _q8_blocks(x, bs):
 
 @pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
 def test_matmul_q8_decode_path(tid):
-    """The engine's decode matvec (8-bit activations for Q4_0/Q4_1/Q4_K/Q6_K):
+    """The engine's decode matvec (8-bit activations for Q4_0/Q4_1/Q8_0/Q4_K/Q6_K):
     exact on activations that int8 blocks represent exactly, equal to a numpy model
     of the rounding otherwise, and within Q8 rounding of the float result."""
     rng = np.random.default_rng(3000 + tid)
@@ -234,7 +234,7 @@ def test_matmul_q8_decode_path(tid):
     quant.matmul_q8(tid, W, x, out)
     exact = x.astype(np.float64) @ Wd.T
     assert _rel_err(out, exact) < 3e-2
-    if tid in (quant.GGML_Q4_0, quant.GGML_Q4_1, quant.GGML_Q4_K, quant.GGML_Q6_K):
+    if quant._has_q8_dot(tid):
         # the whole product with x rounded to int8 blocks: of 256 for k-quants (llama.cpp's
         # Q8_K), of 32 for the legacy formats (Q8_0 / Q8_1)
         qx, d = _q8_blocks(x[0], 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32)
@@ -268,23 +268,30 @@ def test_matmul_q8_prefill_path(tid):
         assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 3e-4, n
 
 
-@pytest.mark.parametrize("tid", [quant.GGML_Q4_K, quant.GGML_Q6_K], ids=NAMES.get)
-def test_kquant_dot_without_vnni(tid, monkeypatch):
-    """The whole-row Q4_K / Q6_K dots use vpdpbusd on AVX-512 VNNI CPUs; the plain
-    IR they fall back to elsewhere must give the same integers (same result bits)."""
+Q8_KERNELS = {quant.GGML_Q4_0: quant._qdot_q4_0, quant.GGML_Q4_1: quant._qdot_q4_1,
+              quant.GGML_Q8_0: quant._qdot_q8_0, quant.GGML_Q4_K: quant._qdot_q4_k,
+              quant.GGML_Q6_K: quant._qdot_q6_k}
+
+
+@pytest.mark.parametrize("tid", sorted(Q8_KERNELS), ids=NAMES.get)
+def test_q8_dot_without_vnni(tid, monkeypatch):
+    """The whole-row int8 dots use vpdpbusd on AVX-512 VNNI CPUs; the plain IR they
+    fall back to elsewhere must give the same integers (same result bits)."""
     from numba import njit
 
     rng = np.random.default_rng(5000 + tid)
+    bs = 256 if quant.block_size(tid) == 256 else 32
     cols = 256 * 3
     w = quant._as_u8_readonly(_weights_for(tid, 1, cols, rng), 2)[0]
     xq = np.empty(cols, np.int8)
-    xd = np.empty(cols // 256, np.float32)
+    xd = np.empty(cols // bs, np.float32)
     xs = np.empty(cols // 16, np.int32)
-    quant.quantize_q8(rng.standard_normal(cols).astype(np.float32), 256, xq, xd, xs)
-    kernel = quant._qdot_q4_k if tid == quant.GGML_Q4_K else quant._qdot_q6_k
+    quant.quantize_q8(rng.standard_normal(cols).astype(np.float32), bs, xq, xd, xs)
+    kernel = Q8_KERNELS[tid]
+    nb = cols // quant.block_size(tid)
 
     def build():
-        return njit(lambda w, xq, xd, xs: kernel(w, xq, xd, xs, 3))
+        return njit(lambda w, xq, xd, xs: kernel(w, xq, xd, xs, nb))
 
     results = []
     for vnni in (quant._VNNI512, False):
@@ -292,7 +299,7 @@ def test_kquant_dot_without_vnni(tid, monkeypatch):
         results.append(build()(w, xq, xd, xs))
     assert results[0] == results[1]
     Wd = _ref(w.reshape(1, -1), tid).astype(np.float64)[0]
-    model = Wd @ (xq.reshape(-1, 256) * xd[:, None].astype(np.float64)).reshape(-1)
+    model = Wd @ (xq.reshape(-1, bs) * xd[:, None].astype(np.float64)).reshape(-1)
     assert abs(results[1] - model) <= 1e-5 * np.abs(Wd).sum() * np.abs(xd).max() * 127
 
 def test_fused_kernels_on_real_weights(real_models):
