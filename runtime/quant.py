@@ -10,6 +10,9 @@ them in compiled code:
   operations, in the same order, as gguf-py's numpy code (``d * q``, then ``+ m``;
   ``(d * sc) * q - (dmin * m)`` for the k-quants ...), and numba emits no fused
   multiply-adds unless asked (the decoders are compiled without fastmath).
+  f16 fields go through the CPU's conversion (F16C on x86), exact for every
+  half; only a signalling NaN comes out quieted, which _dec_f16 undoes for F16
+  data and which cannot matter for a scale (its products are NaN either way).
 * ``matmul(type_id, W, X, out)`` - ``out = X @ dequant(W).T`` computed from the
   blocks, never materialising the dequantized matrix.  An ``@njit(parallel=True)``
   function (parallel over weight rows) with the format chosen at run time by
@@ -161,9 +164,8 @@ _U32 = np.uint32
 def _half_as_f32(typingctx, bits):
     """IEEE half (low 16 bits of an integer) -> float32 by LLVM's ``fpext half``.
 
-    Exact for every half (subnormals too); on x86 with F16C it is one
-    vcvtph2ps, and loops over it vectorise.  Used by the fused dot kernels,
-    where the branch-free software decode below cost as much as the dot itself.
+    Exact for every half (subnormals too) except that x86's vcvtph2ps quiets
+    a signalling NaN; one instruction per 16 values, and loops over it vectorise.
     """
     sig = types.float32(bits)
 
@@ -175,48 +177,11 @@ def _half_as_f32(typingctx, bits):
 
 
 @njit(cache=True, inline="always")
-def _f16_halves_to_f32(lo, hi):
-    """IEEE half given as its two bytes -> float32, exactly as numpy's astype.
-
-    Normal numbers: shift exponent+mantissa into float32 position and re-bias the
-    exponent by 127 - 15 = 112 (0x38000000 = 112 << 23).  inf/nan: exponent all
-    ones, mantissa (payload) << 13.  Subnormals m * 2**-24 are exact float32
-    normals, computed in float.  Branch-free (selects), all in uint32, so that
-    loops over F16 data vectorise.
-    """
-    h = _U32(lo) | (_U32(hi) << _U32(8))
-    sign = (h & _U32(0x8000)) << _U32(16)
-    em = h & _U32(0x7FFF)
-    nrm = (em << _U32(13)) + _U32(0x38000000)
-    nrm = ((em << _U32(13)) | _U32(0x7F800000)) if em >= _U32(0x7C00) else nrm
-    sub = _f32_as_bits(np.float32(np.int32(h & _U32(0x3FF))) * np.float32(5.960464477539063e-08))
-    return _bits_as_f32((sub if em < _U32(0x400) else nrm) | sign)
-
-
-@njit(cache=True, inline="always")
-def _f16_bits_to_f32(h):
-    """IEEE half as an int 0..65535 -> float32 (see _f16_halves_to_f32)."""
-    return _f16_halves_to_f32(h & 0xFF, h >> 8)
-
-
-@njit(cache=True, inline="always")
-def _f16_fast(src, o):
-    """float16 at src[o:o+2] as float32 via the hardware conversion (dot kernels)."""
-    return _half_as_f32(_U32(src[o]) | (_U32(src[o + 1]) << _U32(8)))
-
-
-@njit(cache=True, inline="always")
 def _f16(src, o):
-    """float16 stored little-endian at src[o:o+2], as float32."""
-    return _f16_halves_to_f32(src[o], src[o + 1])
-
-
-@njit(cache=True)
-def _f16_table():
-    out = np.empty(65536, np.float32)
-    for h in range(65536):
-        out[h] = _f16_bits_to_f32(h)
-    return out
+    """float16 at src[o:o+2] as float32 via the hardware conversion: exact for every
+    half but a signalling NaN (quieted; numpy keeps its bits), so the decoders use it
+    for scales, whose products are NaN either way, and _dec_f16 patches NaNs."""
+    return _half_as_f32(_U32(src[o]) | (_U32(src[o + 1]) << _U32(8)))
 
 
 # ---------------------------------------------------------------------------
@@ -244,13 +209,18 @@ def _dec_f32(src, b0, nb, dst, doff):
         out[i] = _bits_as_f32(bits)
 
 
-# F16: 2 bytes per value.
+# F16: 2 bytes per value.  The hardware conversion (vcvtph2ps, 16 values per
+# instruction) is exact for every half except signalling NaNs, which it quiets
+# while numpy keeps their bits; those get numpy's bits back by a select.
 @njit(cache=True)
 def _dec_f16(src, b0, nb, dst, doff):
-    blk = src[b0 * 2:(b0 + nb) * 2]
+    blk = src[b0 * 2:(b0 + nb) * 2].view(np.uint16)  # hosts are little-endian, as GGUF is
     out = dst[doff:doff + nb]
     for i in range(nb):
-        out[i] = _f16_halves_to_f32(blk[2 * i], blk[2 * i + 1])
+        h = _U32(blk[i])
+        nan = ((h & _U32(0x7C00)) == _U32(0x7C00)) & ((h & _U32(0x3FF)) != _U32(0))
+        keep = ((h & _U32(0x8000)) << _U32(16)) | _U32(0x7F800000) | ((h & _U32(0x3FF)) << _U32(13))
+        out[i] = _bits_as_f32(keep) if nan else _half_as_f32(h)
 
 
 # BF16: 2 bytes per value, the top half of a float32.
@@ -375,27 +345,30 @@ def _dec_q2_k(src, b0, nb, dst, doff):
 #   bit (h*4+k) of hmask[l] set means +0, clear means -4;  w = (d * sc) * q
 @njit(cache=True)
 def _dec_q3_k(src, b0, nb, dst, doff):
-    n16 = min(16, dst.shape[0])
+    # 32 weights (two sub-blocks, scale picked by l < 16) per inner pass
+    n32 = min(32, dst.shape[0])
     for i in range(nb):
         blk = src[(b0 + i) * 110:(b0 + i + 1) * 110]
         out = dst[doff + i * 256:doff + i * 256 + 256]
         d = _f16(blk, 108)
+        hm = blk[0:32]
         for h in range(2):
+            qs = blk[32 + h * 32:32 + h * 32 + 32]
             for k in range(4):
                 hb = h * 4 + k
-                for half in range(2):
-                    e0 = h * 128 + k * 32 + half * 16
-                    s = e0 // 16
-                    lo = (blk[96 + (s & 7)] >> (4 * (s >> 3))) & 0xF
-                    hi = (blk[104 + (s & 3)] >> (2 * (s >> 2))) & 3
-                    dl = d * np.float32(np.int32(lo | (hi << 4)) - 32)
-                    qs = blk[32 + h * 32 + half * 16:32 + h * 32 + half * 16 + 16]
-                    hm = blk[half * 16:half * 16 + 16]
-                    o = out[e0:e0 + 16]
-                    for l in range(n16):
-                        ql = np.int32((qs[l] >> (2 * k)) & 3)
-                        mbit = np.int32((hm[l] >> hb) & 1)
-                        o[l] = dl * np.float32(ql - ((mbit ^ 1) << 2))
+                s0 = h * 8 + k * 2
+                s1 = s0 + 1
+                lo0 = (blk[96 + (s0 & 7)] >> (4 * (s0 >> 3))) & 0xF
+                hi0 = (blk[104 + (s0 & 3)] >> (2 * (s0 >> 2))) & 3
+                lo1 = (blk[96 + (s1 & 7)] >> (4 * (s1 >> 3))) & 0xF
+                hi1 = (blk[104 + (s1 & 3)] >> (2 * (s1 >> 2))) & 3
+                dl0 = d * np.float32(np.int32(lo0 | (hi0 << 4)) - 32)
+                dl1 = d * np.float32(np.int32(lo1 | (hi1 << 4)) - 32)
+                o = out[h * 128 + k * 32:h * 128 + k * 32 + 32]
+                for l in range(n32):
+                    ql = np.int32((qs[l] >> (2 * k)) & 3)
+                    mbit = np.int32((hm[l] >> hb) & 1)
+                    o[l] = (dl0 if l < 16 else dl1) * np.float32(ql - ((mbit ^ 1) << 2))
 
 
 @njit(cache=True, inline="always")
@@ -417,28 +390,33 @@ def _k_scale_min(src, o, j):
 #   is nibble s of qs[g*32 + l];  w = (d * sc) * q - (dmin * mn)
 @njit(cache=True)
 def _dec_q4_k(src, b0, nb, dst, doff):
+    # one pass over qs[g*32 + l] writes both sub-blocks 2g (low nibbles) and 2g+1
     n32 = min(32, dst.shape[0])
     for i in range(nb):
         blk = src[(b0 + i) * 144:(b0 + i + 1) * 144]
         out = dst[doff + i * 256:doff + i * 256 + 256]
         d = _f16(blk, 0)
         dmin = _f16(blk, 2)
-        for j in range(8):
-            sc, mn = _k_scale_min(blk, 4, j)
-            dl = d * np.float32(sc)
-            ml = dmin * np.float32(mn)
-            g = j >> 1
-            sh = 4 * (j & 1)
+        for g in range(4):
+            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
+            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
+            dl0 = d * np.float32(sc0)
+            ml0 = dmin * np.float32(mn0)
+            dl1 = d * np.float32(sc1)
+            ml1 = dmin * np.float32(mn1)
             qs = blk[16 + g * 32:16 + g * 32 + 32]
-            o = out[j * 32:j * 32 + 32]
+            o = out[g * 64:g * 64 + 64]
             for l in range(n32):
-                o[l] = dl * np.float32((qs[l] >> sh) & 0xF) - ml
+                b = np.int32(qs[l])
+                o[l] = dl0 * np.float32(b & 0xF) - ml0
+                o[l + 32] = dl1 * np.float32(b >> 4) - ml1
 
 
 # Q5_K (256 weights, 176 bytes): f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128].
 #   As Q4_K, plus bit j of qh[l] is bit 4 of weight j*32 + l.
 @njit(cache=True)
 def _dec_q5_k(src, b0, nb, dst, doff):
+    # as _dec_q4_k: sub-blocks 2g and 2g+1 in one pass (bits 2g, 2g+1 of qh[l])
     n32 = min(32, dst.shape[0])
     for i in range(nb):
         blk = src[(b0 + i) * 176:(b0 + i + 1) * 176]
@@ -446,17 +424,20 @@ def _dec_q5_k(src, b0, nb, dst, doff):
         d = _f16(blk, 0)
         dmin = _f16(blk, 2)
         qh = blk[16:48]
-        for j in range(8):
-            sc, mn = _k_scale_min(blk, 4, j)
-            dl = d * np.float32(sc)
-            ml = dmin * np.float32(mn)
-            g = j >> 1
-            sh = 4 * (j & 1)
+        for g in range(4):
+            sc0, mn0 = _k_scale_min(blk, 4, 2 * g)
+            sc1, mn1 = _k_scale_min(blk, 4, 2 * g + 1)
+            dl0 = d * np.float32(sc0)
+            ml0 = dmin * np.float32(mn0)
+            dl1 = d * np.float32(sc1)
+            ml1 = dmin * np.float32(mn1)
             qs = blk[48 + g * 32:48 + g * 32 + 32]
-            o = out[j * 32:j * 32 + 32]
+            o = out[g * 64:g * 64 + 64]
             for l in range(n32):
-                q = ((qs[l] >> sh) & 0xF) | (((qh[l] >> j) & 1) << 4)
-                o[l] = dl * np.float32(q) - ml
+                b = np.int32(qs[l])
+                h = np.int32(qh[l]) >> (2 * g)
+                o[l] = dl0 * np.float32((b & 0xF) | ((h & 1) << 4)) - ml0
+                o[l + 32] = dl1 * np.float32((b >> 4) | ((h & 2) << 3)) - ml1
 
 
 # Q6_K (256 weights, 210 bytes): u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d.
@@ -465,24 +446,36 @@ def _dec_q5_k(src, b0, nb, dst, doff):
 #   w = (d * scales[e // 16]) * (q - 32)
 @njit(cache=True)
 def _dec_q6_k(src, b0, nb, dst, doff):
-    n16 = min(16, dst.shape[0])
+    # one pass over l < 32 writes weights l, l+32, l+64, l+96 of each half h (the
+    # four 2-bit fields of qh[l] and both nibbles of ql[l], ql[l+32]); scales by
+    # select on l < 16: 1.4x the speed of one 16-weight loop per sub-block
+    n32 = min(32, dst.shape[0])
     for i in range(nb):
         blk = src[(b0 + i) * 210:(b0 + i + 1) * 210]
         out = dst[doff + i * 256:doff + i * 256 + 256]
         d = _f16(blk, 208)
         for h in range(2):
-            for t in range(4):
-                for half in range(2):
-                    e0 = h * 128 + t * 32 + half * 16
-                    dl = d * np.float32(np.int8(blk[192 + e0 // 16]))
-                    a = h * 64 + (t & 1) * 32 + half * 16
-                    ql = blk[a:a + 16]
-                    qh = blk[128 + h * 32 + half * 16:128 + h * 32 + half * 16 + 16]
-                    o = out[e0:e0 + 16]
-                    for l in range(n16):
-                        lo = (ql[l] >> (4 * (t >> 1))) & 0xF
-                        hi = (qh[l] >> (2 * t)) & 3
-                        o[l] = dl * np.float32(np.int32(lo | (hi << 4)) - 32)
+            ql = blk[h * 64:h * 64 + 64]
+            qh = blk[128 + h * 32:128 + h * 32 + 32]
+            sc = blk[192 + h * 8:192 + h * 8 + 8]
+            o = out[h * 128:h * 128 + 128]
+            d0 = d * np.float32(np.int8(sc[0]))
+            d1 = d * np.float32(np.int8(sc[1]))
+            d2 = d * np.float32(np.int8(sc[2]))
+            d3 = d * np.float32(np.int8(sc[3]))
+            d4 = d * np.float32(np.int8(sc[4]))
+            d5 = d * np.float32(np.int8(sc[5]))
+            d6 = d * np.float32(np.int8(sc[6]))
+            d7 = d * np.float32(np.int8(sc[7]))
+            for l in range(n32):
+                a = np.int32(ql[l])
+                b = np.int32(ql[l + 32])
+                hb = np.int32(qh[l])
+                lo = l < 16
+                o[l] = (d0 if lo else d1) * np.float32(((a & 0xF) | ((hb & 3) << 4)) - 32)
+                o[l + 32] = (d2 if lo else d3) * np.float32(((b & 0xF) | (((hb >> 2) & 3) << 4)) - 32)
+                o[l + 64] = (d4 if lo else d5) * np.float32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                o[l + 96] = (d6 if lo else d7) * np.float32(((b >> 4) | (((hb >> 6) & 3) << 4)) - 32)
 
 
 # IQ4_NL (32 weights, 18 bytes): f16 d | u8 qs[16], nibbles as Q4_0 but each
@@ -628,7 +621,7 @@ def _rdot_q4_0(w, x, xsum, nb):
         for j in range(n16):
             hi, lo = _nibbles(w[o + 2 + j])
             s += (lo - np.float32(8.0)) * x[xo + j] + (hi - np.float32(8.0)) * x[xo + 16 + j]
-        acc += _f16_fast(w, o) * s
+        acc += _f16(w, o) * s
     return acc
 
 
@@ -643,7 +636,7 @@ def _rdot_q4_1(w, x, xsum, nb):
         for j in range(n16):
             hi, lo = _nibbles(w[o + 4 + j])
             s += lo * x[xo + j] + hi * x[xo + 16 + j]
-        acc += _f16_fast(w, o) * s + _f16_fast(w, o + 2) * xsum[i]
+        acc += _f16(w, o) * s + _f16(w, o + 2) * xsum[i]
     return acc
 
 
@@ -663,7 +656,7 @@ def _rdot_q5_0(w, x, xsum, nb):
             hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
             s += (np.float32(np.int32(lo) - 16) * x[xo + j]
                   + np.float32(np.int32(hi) - 16) * x[xo + 16 + j])
-        acc += _f16_fast(w, o) * s
+        acc += _f16(w, o) * s
     return acc
 
 
@@ -682,7 +675,7 @@ def _rdot_q5_1(w, x, xsum, nb):
             lo = (b & 0xF) | (((qh >> j) & 1) << 4)
             hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
             s += np.float32(lo) * x[xo + j] + np.float32(hi) * x[xo + 16 + j]
-        acc += _f16_fast(w, o) * s + _f16_fast(w, o + 2) * xsum[i]
+        acc += _f16(w, o) * s + _f16(w, o + 2) * xsum[i]
     return acc
 
 
@@ -697,7 +690,7 @@ def _rdot_q8_0(w, x, xsum, nb):
         for j in range(n32):
             q = np.int32(np.int8(w[o + 2 + j]))
             s += np.float32(q) * x[xo + j]
-        acc += _f16_fast(w, o) * s
+        acc += _f16(w, o) * s
     return acc
 
 
@@ -708,8 +701,8 @@ def _rdot_q2_k(w, x, xsum, nb):
     for i in range(nb):
         o = i * 84
         xo = i * 256
-        d = _f16_fast(w, o + 80)
-        dmin = _f16_fast(w, o + 82)
+        d = _f16(w, o + 80)
+        dmin = _f16(w, o + 82)
         for h in range(2):
             for k in range(4):
                 for half in range(2):
@@ -733,7 +726,7 @@ def _rdot_q3_k(w, x, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 110:i * 110 + 110]
-        d = _f16_fast(blk, 108)
+        d = _f16(blk, 108)
         for h in range(2):
             for k in range(4):
                 hb = h * 4 + k
@@ -760,8 +753,8 @@ def _rdot_q4_k(w, x, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 144:i * 144 + 144]
-        d = _f16_fast(blk, 0)
-        dmin = _f16_fast(blk, 2)
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
         for g in range(4):
             qs = blk[16 + g * 32:16 + g * 32 + 32]
             xg = x[i * 256 + g * 64:i * 256 + g * 64 + 64]
@@ -786,8 +779,8 @@ def _rdot_q5_k(w, x, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 176:i * 176 + 176]
-        d = _f16_fast(blk, 0)
-        dmin = _f16_fast(blk, 2)
+        d = _f16(blk, 0)
+        dmin = _f16(blk, 2)
         qh = blk[16:48]
         for g in range(4):
             qs = blk[48 + g * 32:48 + g * 32 + 32]
@@ -814,7 +807,7 @@ def _rdot_q6_k(w, x, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 210:i * 210 + 210]
-        d = _f16_fast(blk, 208)
+        d = _f16(blk, 208)
         for h in range(2):
             for half in range(2):
                 # 16 weights from each of the four 32-runs t = 0..3 of this half;
@@ -856,7 +849,7 @@ def _rdot_iq4_nl(w, x, xsum, nb):
         for j in range(n16):
             b = w[o + 2 + j]
             s += kv[b & 0xF] * x[xo + j] + kv[b >> 4] * x[xo + 16 + j]
-        acc += _f16_fast(w, o) * s
+        acc += _f16(w, o) * s
     return acc
 
 
@@ -867,7 +860,7 @@ def _rdot_iq4_xs(w, x, xsum, nb):
     acc = np.float32(0.0)
     for i in range(nb):
         blk = w[i * 136:i * 136 + 136]
-        d = _f16_fast(blk, 0)
+        d = _f16(blk, 0)
         sh = np.int32(blk[2]) | (np.int32(blk[3]) << 8)
         for j in range(8):
             qs = blk[8 + j * 16:8 + j * 16 + 16]
@@ -908,7 +901,7 @@ def _rdot_f16(w, x, xsum, nb):
         xs = x[c0:c0 + m]
         s = np.float32(0.0)
         for j in range(m):
-            s += _f16_halves_to_f32(wb[2 * j], wb[2 * j + 1]) * xs[j]
+            s += _half_as_f32(_U32(wb[2 * j]) | (_U32(wb[2 * j + 1]) << _U32(8))) * xs[j]
         acc += s
     return acc
 

@@ -6,7 +6,9 @@ For every supported format: random blocks (scales forced finite) decoding to
 about --mb MB of float32; prints MB/s of output and blocks/s for ours and for
 gguf.quants.dequantize, their ratio, and the fused matvec speed (GFLOP/s,
 2 flops per weight) on those bytes as a (rows, 4096) matrix, for one activation
-row (decode) and for 16 (batched prefill).
+row (decode) and for 16 (batched prefill).  "20x needs" is the output rate a 20x
+ratio takes; the last lines compare it with the rate at which one core can store
+float32 at all (a loop writing a constant), which no decoder can exceed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,22 @@ def _scale_offsets(tid: int) -> tuple[int, ...]:
             q.GGML_IQ4_XS: (0,)}.get(tid, ())
 
 
+def _store_ceiling(n_vals: int, repeat: int) -> float:
+    """MB/s of float32 output of a loop that only stores a constant, at the
+    benchmark's size: what one core can write at all, so an upper bound for any
+    decoder (each has to write its output and read its input on top)."""
+    from numba import njit
+
+    @njit(cache=False)
+    def fill(out):
+        for i in range(out.shape[0]):
+            out[i] = np.float32(1.0)
+
+    out = np.empty(n_vals, np.float32)
+    fill(out)
+    return n_vals * 4 / 1e6 / _best(lambda: fill(out), repeat)
+
+
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -70,13 +88,15 @@ def main(argv=None) -> None:
     numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"threads={args.threads}  output per format={args.mb:g} MB  (best of {args.repeat})")
-    hdr = (f"{'format':<8}{'ours MB/s':>11}{'Mblk/s':>9}{'gguf MB/s':>11}{'ratio':>8}"
+    n_vals = int(args.mb * 1e6 / 4) // 256 * 256
+    ceiling = _store_ceiling(n_vals, args.repeat)
+    hdr = (f"{'format':<8}{'ours MB/s':>11}{'Mblk/s':>9}{'gguf MB/s':>11}{'ratio':>8}{'20x needs':>11}"
            f"{'matvec GF/s':>13}{'GB/s in':>9}{'mm n=16 GF/s':>14}")
     print(hdr)
     print("-" * len(hdr))
+    over = []
     for tid in quant._SUPPORTED:
         name, bs, ts = quant._SUPPORTED[tid]
-        n_vals = int(args.mb * 1e6 / 4) // 256 * 256
         cols = 4096
         rows = n_vals // cols
         n_blocks = rows * cols // bs
@@ -101,9 +121,15 @@ def main(argv=None) -> None:
         # gguf's F32 "dequantize" is a zero-copy view: no ratio to speak of
         ratio = "view" if tid == quant.GGML_F32 else f"{t_ref / t_ours:.1f}x"
         ref_mbs = "-" if tid == quant.GGML_F32 else f"{out_mb / t_ref:.0f}"
+        need = 20 * out_mb / t_ref
+        if tid != quant.GGML_F32 and need > ceiling:
+            over.append(name)
         print(f"{name:<8}{out_mb / t_ours:>11.0f}{n_blocks / t_ours / 1e6:>9.2f}"
-              f"{ref_mbs:>11}{ratio:>8}{gflops:>13.2f}"
-              f"{raw.nbytes / t_mv / 1e9:>9.2f}{2 * 16 * rows * cols / t_mm / 1e9:>14.2f}")
+              f"{ref_mbs:>11}{ratio:>8}{'-' if tid == quant.GGML_F32 else f'{need:.0f}':>11}"
+              f"{gflops:>13.2f}{raw.nbytes / t_mv / 1e9:>9.2f}"
+              f"{2 * 16 * rows * cols / t_mm / 1e9:>14.2f}")
+    print(f"\nstoring float32 with nothing to read or decode: {ceiling:.0f} MB/s at this size, the"
+          f" ceiling for any decoder.\n20x gguf.quants needs more than that for: {', '.join(over) or 'none'}")
 
 
 if __name__ == "__main__":
