@@ -160,7 +160,7 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     ops.kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, hdk, hdv)
     att = np.empty((n, n_heads * hdv), np.float32)
     ops.attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads,
-                  np.float32(1.0 / np.sqrt(hdk)), att, capture)
+                  np.float32(1.0 / np.sqrt(hdk)), att, capture, not exact)
     ops.add(x, _linear(att, wo, to, d, exact))
     ops.rms_norm(x, ffn_norm, eps, h)
     gate = np.empty((n, wg.shape[0]), np.float32)

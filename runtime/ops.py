@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 
+import llvmlite.ir as llir
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
-from .quant import _bits_as_f32, _f32_as_bits, _half_as_f32
+from .quant import _bits_as_f32, _f32_as_bits, _half_as_f32, _ir_data, _ir_splat, _ir_vload, _ir_vstore
 
 __all__ = ["rms_norm", "rope", "attention", "swiglu", "softmax", "add", "rope_inv_freq",
            "f32_to_f16_bits"]
@@ -199,33 +201,6 @@ def _weighted_values(p, v_cache, g, L, acc):
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _score_rows4(q, i0, qo, k_cache, g, L, scale, sc):
-    """sc[a, t] = scale * (q[i0 + a] . K[t]) for four queries a < 4 and t < L:
-    each cache row is loaded and converted once for the four."""
-    hdk = k_cache.shape[2]
-    q0 = q[i0, qo:qo + hdk]
-    q1 = q[i0 + 1, qo:qo + hdk]
-    q2 = q[i0 + 2, qo:qo + hdk]
-    q3 = q[i0 + 3, qo:qo + hdk]
-    for t in range(L):
-        kr = k_cache[t, g]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for j in range(hdk):
-            kv = _kv_f32(kr[j])
-            s0 += q0[j] * kv
-            s1 += q1[j] * kv
-            s2 += q2[j] * kv
-            s3 += q3[j] * kv
-        sc[0, t] = s0 * scale
-        sc[1, t] = s1 * scale
-        sc[2, t] = s2 * scale
-        sc[3, t] = s3 * scale
-
-
-@njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _weighted_values4(p, v_cache, g, L, acc):
     """acc[a] = sum_t p[a, t] * V[t] for four queries (p[a, t] = 0 past query a's end)."""
     hdv = acc.shape[1]
@@ -276,23 +251,72 @@ def _softmax_causal(sc, L):
         sc[t] = 0.0
 
 
+@intrinsic
+def _score_tile(typingctx, kt, kto, kts, q, qo, qs, hd, scale, out, oo, os):
+    """Scores of 4 queries x 16 keys as a register tile: for a < 4, l < 16,
+    out[oo + a*os + l] = scale * sum over j < hd of q[qo + a*qs + j] * kt[kto + j*kts + l]
+    (flat float32 offsets; kt holds K transposed, keys along the vector lanes), so
+    no horizontal sum per key: one key-vector load per 4 multiply-adds."""
+    sig = types.void(kt, kto, kts, q, qo, qs, hd, scale, out, oo, os)
+
+    def codegen(context, builder, signature, args):
+        kta, kto_, kts_, qa, qo_, qs_, hd_, sc_, oa, oo_, os_ = args
+        aty = signature.args
+        f32, i64 = llir.FloatType(), llir.IntType(64)
+        v16 = llir.VectorType(f32, 16)
+        kp = _ir_data(context, builder, aty[0], kta, f32)
+        qp = _ir_data(context, builder, aty[3], qa, f32)
+        op = _ir_data(context, builder, aty[8], oa, f32)
+        fm = ("contract", "reassoc")
+        accs = [cgutils.alloca_once_value(builder, llir.Constant(v16, [0.0] * 16)) for _ in range(4)]
+        qrow = [builder.add(qo_, builder.mul(qs_, llir.Constant(i64, a))) for a in range(4)]
+        with cgutils.for_range(builder, hd_) as loop:
+            j = loop.index
+            kv = _ir_vload(builder, kp, builder.add(kto_, builder.mul(j, kts_)), v16, 4)
+            for a in range(4):
+                qj = builder.load(builder.gep(qp, [builder.add(qrow[a], j)]))
+                prod = builder.fmul(kv, _ir_splat(builder, qj, 16), flags=fm)
+                builder.store(builder.fadd(builder.load(accs[a]), prod, flags=fm), accs[a])
+        sv = _ir_splat(builder, sc_, 16)
+        for a in range(4):
+            _ir_vstore(builder, builder.fmul(builder.load(accs[a]), sv),
+                       op, builder.add(oo_, builder.mul(os_, llir.Constant(i64, a))), 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, parallel=True)
 def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out):
     """Prefill attention, four queries per task (n % 4 == 0, no capture): same
-    math as attention(), with each K/V cache row read once per four queries."""
+    math as attention(), with K converted once per call to float32 and transposed
+    (kt[g, j, t]) for 4 x 16 score tiles, and each V cache row read once per four
+    queries."""
     n = q.shape[0]
     hdk = k_cache.shape[2]
     hdv = v_cache.shape[2]
     group = n_heads // n_kv_heads
     nq = n // 4
+    n_keys = n_past + n
+    kp = (n_keys + 15) // 16 * 16
+    kt = np.zeros((n_kv_heads, hdk, kp), np.float32)
+    for gj in prange(n_kv_heads * hdk):
+        g = gj // hdk
+        j = gj % hdk
+        for t in range(n_keys):
+            kt[g, j, t] = _kv_f32(k_cache[t, g, j])
+    qcols = q.shape[1]
     for task in prange(nq * n_heads):
         b = task // n_heads
         h = task % n_heads
         g = h // group
         i0 = 4 * b
         L = n_past + i0 + 4  # keys the last of the four queries sees
-        sc = np.empty((4, L), np.float32)
-        _score_rows4(q, i0, h * hdk, k_cache, g, L, scale, sc)
+        lp = (L + 15) // 16 * 16
+        sc = np.empty((4, lp), np.float32)
+        for t0 in range(0, L, 16):
+            _score_tile(kt, g * hdk * kp + t0, kp, q, i0 * qcols + h * hdk, qcols, hdk,
+                        np.float32(scale), sc, t0, lp)
         for a in range(4):
             _softmax_causal(sc[a], n_past + i0 + a + 1)
         acc = np.empty((4, hdv), np.float32)
@@ -302,21 +326,23 @@ def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, o
 
 
 @njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture):
+def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, blocks=True):
     """Causal GQA attention of n queries at positions n_past.. over the cache.
 
     q: [n, n_heads*hdk]; caches [ctx, n_kv_heads, hd]; out: [n, n_heads*hdv].
     Query head h reads KV head h // (n_heads / n_kv_heads).  When capture has
     n_heads rows, capture[h, i, t] receives the softmax weights (else pass (0,0,0)).
     Scores and the weighted sum of values are float32 vector loops (cache rows
-    converted on load); the softmax normaliser is summed in float64.
+    converted on load); the softmax normaliser is summed in float64.  blocks=False
+    keeps the one-query-at-a-time path (what capture uses) even for long batches,
+    so that every layer of an inspection pass sums its scores in the same order.
     """
     n = q.shape[0]
     hdk = k_cache.shape[2]
     hdv = v_cache.shape[2]
     group = n_heads // n_kv_heads
     do_capture = capture.shape[0] > 0
-    if n >= 16 and n % 4 == 0 and not do_capture:
+    if blocks and n >= 16 and n % 4 == 0 and not do_capture:
         _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out)
         return
     for task in prange(n * n_heads):
