@@ -1430,7 +1430,7 @@ def matmul_q8(type_id, W, X, out):
     has an integer kernel (Q4_0, Q4_1, Q4_K, Q6_K), as llama.cpp does."""
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
-    elif _has_i16(type_id):
+    elif _has_i16(type_id) and X.shape[0] >= I16_MIN_N:
         _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:0], out[:0])
     else:
         _matmul_chunked(type_id, W, X, out)
@@ -1538,7 +1538,7 @@ def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
     rows): X is rounded once and all three share one parallel region."""
     if X.shape[0] <= FUSED_MAX_N:
         matvec3(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
-    elif _has_i16(t0) and _has_i16(t1) and _has_i16(t2):
+    elif _has_i16(t0) and _has_i16(t1) and _has_i16(t2) and X.shape[0] >= I16_MIN_N:
         _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
     else:
         matmul_q8(t0, W0, X, out0)
@@ -1607,6 +1607,11 @@ def _matmul_chunked(type_id, W, X, out):
 # ---------------------------------------------------------------------------
 
 _I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
+# Batches this large or larger take the int16 tiles.  Decoding a weight into the
+# interleaved int16 tile costs about 3x the float decode, which pays off only when
+# enough rows share it: the crossover measured at 32-48 (Q4_1 1536 x 576, 2
+# threads: float 146 vs int16 331 us at n = 20, 542 vs 477 at n = 64).
+I16_MIN_N = 32
 _I16_T = 8      # activation rows per tile (vector accumulators)
 _X16_MAX = 16383.0  # |x| <= 2^14 - 1: 8 products of |w| <= 4096 per int32 lane stay < 2^31
 

@@ -256,16 +256,22 @@ def test_matmul_q8_prefill_path(tid):
     rows = 37
     W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
     Wd = _ref(W, tid).astype(np.float64)
-    for n in (2, 9, 17):
+    def int16_matmul(X, out):  # matmul_q8 takes this path from I16_MIN_N rows on
+        if X.shape[0] >= quant.I16_MIN_N:
+            quant.matmul_q8(tid, W, X, out)
+        else:
+            quant._matmul3_i16(tid, W, tid, W[:0], tid, W[:0], X, out, out[:0], out[:0])
+
+    for n in (2, 9, 17, quant.I16_MIN_N + 9):
         # integers with |q| <= 16383, one +-16383 per 256-value chunk, times 2^-14
         q = rng.integers(-16383, 16384, (n, cols)).astype(np.float32)
         q[:, ::256] = 16383 * np.sign(q[:, ::256] + 0.5)
         X = q * np.float32(2.0 ** -14)
         out = np.full((n, rows), np.nan, np.float32)
-        quant.matmul_q8(tid, W, X, out)
+        int16_matmul(X, out)
         assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 1e-5, n
         X = rng.standard_normal((n, cols)).astype(np.float32)
-        quant.matmul_q8(tid, W, X, out)
+        int16_matmul(X, out)
         assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 3e-4, n
 
 
