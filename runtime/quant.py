@@ -1746,17 +1746,23 @@ def _dec16(type_id, w, c0, m, wb, a, dsc, mn):
     wb as int16 with sub-block scales folded in; dsc[s, a] = float scale of the
     s-th 32 (legacy) or 256 (k-quant) columns; mn[g, a] = float offset added to
     every weight of the g-th 16 columns (0 for formats without a minimum)."""
-    if type_id == GGML_Q4_K:
-        blk = w[(c0 // 256) * 144:(c0 // 256) * 144 + 144]
+    if type_id == GGML_Q4_K or type_id == GGML_Q5_K:  # Q5_K: Q4_K plus bit j of qh[l]
+        five = type_id == GGML_Q5_K
+        bsz = 176 if five else 144
+        qoff = 48 if five else 16
+        blk = w[(c0 // 256) * bsz:(c0 // 256) * bsz + bsz]
         dsc[0, a] = _f16(blk, 0)
         dmin = _f16(blk, 2)
         for j in range(8):
             sc, mi = _k_scale_min(blk, 4, j)
             mn[2 * j, a] = mn[2 * j + 1, a] = -(dmin * np.float32(mi))
-            qs = blk[16 + (j >> 1) * 32:16 + (j >> 1) * 32 + 32]
+            qs = blk[qoff + (j >> 1) * 32:qoff + (j >> 1) * 32 + 32]
             sh = 4 * (j & 1)
             for l in range(32):
-                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * ((qs[l] >> sh) & 0xF)))
+                q = (qs[l] >> sh) & 0xF
+                if five:
+                    q |= ((blk[16 + l] >> j) & 1) << 4
+                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * q))
     elif type_id == GGML_Q6_K:
         blk = w[(c0 // 256) * 210:(c0 // 256) * 210 + 210]
         dsc[0, a] = _f16(blk, 208)
@@ -1770,18 +1776,6 @@ def _dec16(type_id, w, c0, m, wb, a, dsc, mn):
                     for l in range(16):
                         q = ((blk[lo_o + l] >> (4 * (t >> 1))) & 0xF) | (((blk[hi_o + l] >> (2 * t)) & 3) << 4)
                         _put16(wb, a, e0 + l, np.int16(sc * (np.int32(q) - 32)))
-    elif type_id == GGML_Q5_K:
-        blk = w[(c0 // 256) * 176:(c0 // 256) * 176 + 176]
-        dsc[0, a] = _f16(blk, 0)
-        dmin = _f16(blk, 2)
-        for j in range(8):
-            sc, mi = _k_scale_min(blk, 4, j)
-            mn[2 * j, a] = mn[2 * j + 1, a] = -(dmin * np.float32(mi))
-            qs = blk[48 + (j >> 1) * 32:48 + (j >> 1) * 32 + 32]
-            sh = 4 * (j & 1)
-            for l in range(32):
-                q = ((qs[l] >> sh) & 0xF) | (((blk[16 + l] >> j) & 1) << 4)
-                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * q))
     else:  # legacy blocks of 32
         for b in range(m // 32):
             i = c0 // 32 + b
