@@ -384,8 +384,9 @@ def _q3_k_body(builder, sp, o, dp, out):
             _ir_store(builder, dp, out, h * 128 + k * 32, v)
 
 
-def _ir_k_scales(builder, sp, o, d, dmin):
-    """Q4_K / Q5_K: <8 x float> d * sc_j and dmin * mn_j from the 12 packed bytes at o + 4."""
+def _ir_k_scale_bytes(builder, sp, o):
+    """Q4_K / Q5_K: the 8 six-bit scales and the 8 mins (<8 x i8> each) from the 12
+    packed bytes at sp + o + 4 (layout at _k_scale_min), unpacked as three u32s."""
     u = [builder.load(builder.bitcast(builder.gep(sp, [builder.add(o, _c64(4 + 4 * k))]), _I32.as_pointer()),
                       align=1) for k in range(3)]
     k3f, k0f, k03 = (llir.Constant(_I32, 0x3F3F3F3F), llir.Constant(_I32, 0x0F0F0F0F),
@@ -399,10 +400,16 @@ def _ir_k_scales(builder, sp, o, d, dmin):
     def bytes8(pair):
         v = builder.insert_element(llir.Constant(llir.VectorType(_I32, 2), None), pair[0], llir.Constant(_I32, 0))
         v = builder.insert_element(v, pair[1], llir.Constant(_I32, 1))
-        return _ir_float(builder, builder.bitcast(v, llir.VectorType(_I8, 8)), False)
+        return builder.bitcast(v, llir.VectorType(_I8, 8))
 
-    return (builder.fmul(_ir_splat(builder, d, 8), bytes8(sc)),
-            builder.fmul(_ir_splat(builder, dmin, 8), bytes8(mi)))
+    return bytes8(sc), bytes8(mi)
+
+
+def _ir_k_scales(builder, sp, o, d, dmin):
+    """Q4_K / Q5_K: <8 x float> d * sc_j and dmin * mn_j."""
+    sc, mi = _ir_k_scale_bytes(builder, sp, o)
+    return (builder.fmul(_ir_splat(builder, d, 8), _ir_float(builder, sc, False)),
+            builder.fmul(_ir_splat(builder, dmin, 8), _ir_float(builder, mi, False)))
 
 
 def _k_body(five):
@@ -1184,23 +1191,9 @@ def _q4_k_block(builder, i, wp, xp, xdp, xsp):
     xo = builder.mul(i, c(256))
     d = _ir_f16(builder, wp, o)
     dmin = _ir_f16(builder, wp, builder.add(o, c(2)))
-    u = [builder.load(builder.bitcast(builder.gep(wp, [builder.add(o, c(4 + 4 * k))]), i32.as_pointer()),
-                      align=1) for k in range(3)]
-    k3f, k0f, k03 = (llir.Constant(i32, 0x3F3F3F3F), llir.Constant(i32, 0x0F0F0F0F),
-                     llir.Constant(i32, 0x03030303))
-    hi2 = lambda x: builder.shl(builder.and_(builder.lshr(x, llir.Constant(i32, 6)), k03),  # noqa: E731
-                                llir.Constant(i32, 4))
-    sc = [builder.and_(u[0], k3f), builder.or_(builder.and_(u[2], k0f), hi2(u[0]))]
-    mi = [builder.and_(u[1], k3f),
-          builder.or_(builder.and_(builder.lshr(u[2], llir.Constant(i32, 4)), k0f), hi2(u[1]))]
-
-    def bytes8(pair):
-        v = builder.insert_element(llir.Constant(llir.VectorType(i32, 2), None), pair[0], llir.Constant(i32, 0))
-        v = builder.insert_element(v, pair[1], llir.Constant(i32, 1))
-        return builder.zext(builder.bitcast(v, llir.VectorType(i8, 8)), llir.VectorType(i32, 8))
-
-    sc8 = bytes8(sc)
-    mi8 = bytes8(mi)
+    sc, mi = _ir_k_scale_bytes(builder, wp, o)
+    sc8 = builder.zext(sc, llir.VectorType(i32, 8))
+    mi8 = builder.zext(mi, llir.VectorType(i32, 8))
     fifteen = llir.Constant(v64, [15] * 64)
     four = llir.Constant(v64, [4] * 64)
     x = [_ir_vload(builder, xp, builder.add(xo, c(64 * k)), v64, 1) for k in range(4)]
