@@ -252,10 +252,11 @@ def _vc(ty, n, v):
     return llir.Constant(llir.VectorType(ty, n), v if isinstance(v, list) else [v] * n)
 
 
-def _ir_decoder(bsize, bvals, body):
+def _ir_decoder(bsize, bvals, body, elem=_F32):
     """An intrinsic f(src, b0, nb, dst, doff) decoding blocks b0..b0+nb-1 (bsize bytes
-    each) of src into dst[doff:] (bvals float32 each); body(builder, sp, o, dp, out)
-    emits one block: bytes at sp + o, floats to dp + out."""
+    each) of src into dst[doff:] (bvals values of type elem each, float32 unless
+    said); body(builder, sp, o, dp, out) emits one block: bytes at sp + o, values to
+    dp + out."""
 
     @intrinsic
     def dec(typingctx, src, b0, nb, dst, doff):
@@ -266,7 +267,7 @@ def _ir_decoder(bsize, bvals, body):
             w = lambda v: builder.sext(v, _I64) if v.type.width < 64 else v  # noqa: E731
             b0_, nb_, doff_ = w(b0_), w(nb_), w(doff_)
             sp = _ir_data(context, builder, signature.args[0], sa, _I8)
-            dp = _ir_data(context, builder, signature.args[3], da, _F32)
+            dp = _ir_data(context, builder, signature.args[3], da, elem)
             with cgutils.for_range(builder, nb_) as loop:
                 i = loop.index
                 body(builder, sp, builder.mul(builder.add(b0_, i), _c64(bsize)), dp,
@@ -436,17 +437,22 @@ def _k_body(five):
     return body
 
 
+def _ir_q6_k_half(builder, sp, o, h):
+    """Q6_K: the 6-bit q (<64 x i8>, 0..63) of weights 128h + 0..63 and 128h + 64..127."""
+    cat = _vc(_I32, 64, list(range(64)))
+    ql = _ir_bytes(builder, sp, o, 64 * h, 64)
+    qh = _ir_bytes(builder, sp, o, 128 + 32 * h, 32)
+    hb = [builder.and_(builder.lshr(qh, _vc(_I8, 32, 2 * t)), _vc(_I8, 32, 3)) for t in range(4)]
+    u_lo = builder.or_(builder.and_(ql, _vc(_I8, 64, 15)), builder.shl(builder.shuffle_vector(hb[0], hb[1], cat), _vc(_I8, 64, 4)))
+    u_hi = builder.or_(builder.lshr(ql, _vc(_I8, 64, 4)), builder.shl(builder.shuffle_vector(hb[2], hb[3], cat), _vc(_I8, 64, 4)))
+    return u_lo, u_hi
+
+
 def _q6_k_body(builder, sp, o, dp, out):
     sc = _ir_float(builder, _ir_bytes(builder, sp, o, 192, 16), True)
     dl = builder.fmul(_ir_splat(builder, _ir_f16(builder, sp, builder.add(o, _c64(208))), 16), sc)
-    cat = _vc(_I32, 64, list(range(64)))
     for h in range(2):
-        ql = _ir_bytes(builder, sp, o, 64 * h, 64)
-        qh = _ir_bytes(builder, sp, o, 128 + 32 * h, 32)
-        hb = [builder.and_(builder.lshr(qh, _vc(_I8, 32, 2 * t)), _vc(_I8, 32, 3)) for t in range(4)]
-        u_lo = builder.or_(builder.and_(ql, _vc(_I8, 64, 15)), builder.shl(builder.shuffle_vector(hb[0], hb[1], cat), _vc(_I8, 64, 4)))
-        u_hi = builder.or_(builder.lshr(ql, _vc(_I8, 64, 4)), builder.shl(builder.shuffle_vector(hb[2], hb[3], cat), _vc(_I8, 64, 4)))
-        for s, u in enumerate((u_lo, u_hi)):
+        for s, u in enumerate(_ir_q6_k_half(builder, sp, o, h)):
             q = builder.sub(builder.zext(u, llir.VectorType(_I32, 64)), _vc(_I32, 64, 32))
             idx = [8 * h + 4 * s + lane // 16 for lane in range(64)]
             _ir_store(builder, dp, out, 128 * h + 64 * s, builder.fmul(_ir_lanes(builder, dl, idx), _ir_float(builder, q, True)))
@@ -1671,9 +1677,11 @@ def _matmul_chunked(type_id, W, X, out):
 
 _I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
 # Batches this large or larger take the int16 tiles.  Decoding a weight into the
-# interleaved int16 tile costs about 3x the float decode, which pays off only when
-# enough rows share it: the crossover measured at 32-48 (Q4_1 1536 x 576, 2
-# threads: float 146 vs int16 331 us at n = 20, 542 vs 477 at n = 64).
+# interleaved int16 tile costs more than the float decode, which pays off only
+# when enough rows share it.  Single matmuls cross over at 16-32 rows (2 threads,
+# us, int16 vs float: Q4_K 1536 x 512 at n = 16 142 vs 107, n = 24 163 vs 156,
+# n = 32 184 vs 224); whole prefills of the Q4_K_M bench model at 32 (pp24 float
+# 1099 vs int16 938 t/s, pp32 int16 1080 vs float 1022).
 I16_MIN_N = 32
 _I16_T = 8      # activation rows per tile (vector accumulators)
 _X16_MAX = 16383.0  # |x| <= 2^14 - 1: 8 products of |w| <= 4096 per int32 lane stay < 2^31
@@ -1797,68 +1805,133 @@ def quantize_x16(x, xq, xd, xs16):
             xs16[c0 // 16 + g] = d * np.float32(s)
 
 
-@njit(cache=True, inline="always")
-def _put16(wb, a, e, v):
-    """Weight e of tile row a into the [pair][row][2] layout."""
-    wb[e >> 1, a, e & 1] = v
+# Weight tiles.  Each of the tile's rows is decoded into a row-major scratch
+# tmp[row][256] by vector IR (one block body per format, integers with the
+# sub-block scales folded in), then tmp, seen as int32 column pairs [16][128], is
+# transposed into the tile's [pair][row] order 16 x 16 at a time with shuffles.
+# The float block scales and the minimums come from the numba part (_dec16).
+
+def _q4_0_body16(builder, sp, o, dp, out):
+    q = builder.zext(_ir_nibbles(builder, _ir_bytes(builder, sp, o, 2, 16)), llir.VectorType(_I16, 32))
+    _ir_vstore(builder, builder.sub(q, _vc(_I16, 32, 8)), dp, out, 2)
+
+
+def _q4_1_body16(builder, sp, o, dp, out):
+    q = builder.zext(_ir_nibbles(builder, _ir_bytes(builder, sp, o, 4, 16)), llir.VectorType(_I16, 32))
+    _ir_vstore(builder, q, dp, out, 2)
+
+
+def _q8_0_body16(builder, sp, o, dp, out):
+    _ir_vstore(builder, builder.sext(_ir_bytes(builder, sp, o, 2, 32), llir.VectorType(_I16, 32)), dp, out, 2)
+
+
+def _k_body16(five):
+    """Q4_K / Q5_K: sc_j * q for the 8 sub-blocks j (the minimums go to mn)."""
+    qoff = 48 if five else 16
+    cat = _vc(_I32, 64, list(range(64)))
+
+    def body(builder, sp, o, dp, out):
+        sc = builder.zext(_ir_k_scale_bytes(builder, sp, o)[0], llir.VectorType(_I16, 8))
+        qh = _ir_bytes(builder, sp, o, 16, 32) if five else None
+        for g in range(4):
+            b = _ir_bytes(builder, sp, o, qoff + 32 * g, 32)
+            q = builder.shuffle_vector(builder.and_(b, _vc(_I8, 32, 15)), builder.lshr(b, _vc(_I8, 32, 4)), cat)
+            if five:
+                hb = builder.shuffle_vector(builder.lshr(qh, _vc(_I8, 32, 2 * g)),
+                                            builder.lshr(qh, _vc(_I8, 32, 2 * g + 1)), cat)
+                q = builder.or_(q, builder.shl(builder.and_(hb, _vc(_I8, 64, 1)), _vc(_I8, 64, 4)))
+            v = builder.mul(builder.zext(q, llir.VectorType(_I16, 64)),
+                            _ir_lanes(builder, sc, [2 * g + lane // 32 for lane in range(64)]))
+            _ir_vstore(builder, v, dp, builder.add(out, _c64(64 * g)), 2)
+
+    return body
+
+
+def _q6_k_body16(builder, sp, o, dp, out):
+    sc = builder.sext(_ir_bytes(builder, sp, o, 192, 16), llir.VectorType(_I16, 16))
+    for h in range(2):
+        for s_, u in enumerate(_ir_q6_k_half(builder, sp, o, h)):
+            q = builder.sub(builder.zext(u, llir.VectorType(_I16, 64)), _vc(_I16, 64, 32))
+            v = builder.mul(q, _ir_lanes(builder, sc, [8 * h + 4 * s_ + lane // 16 for lane in range(64)]))
+            _ir_vstore(builder, v, dp, builder.add(out, _c64(128 * h + 64 * s_)), 2)
+
+
+_d16_q4_0 = _ir_decoder(18, 32, _q4_0_body16, _I16)
+_d16_q4_1 = _ir_decoder(20, 32, _q4_1_body16, _I16)
+_d16_q8_0 = _ir_decoder(34, 32, _q8_0_body16, _I16)
+_d16_q4_k = _ir_decoder(144, 256, _k_body16(False), _I16)
+_d16_q5_k = _ir_decoder(176, 256, _k_body16(True), _I16)
+_d16_q6_k = _ir_decoder(210, 256, _q6_k_body16, _I16)
+
+
+@intrinsic
+def _tile_transpose(typingctx, tmp, wb, P):
+    """wb as int32 [pair][16 rows] <- tmp as int32 [16 rows][128 pairs], pairs < P
+    (a multiple of 16): 16 x 16 blocks, each transposed in registers by four rounds
+    of two-vector shuffles (round b swaps the off-diagonal b x b sub-blocks)."""
+    sig = types.void(tmp, wb, P)
+
+    def codegen(context, builder, signature, args):
+        ta, wa, p_n = args
+        v16 = llir.VectorType(_I32, 16)
+        tp = _ir_data(context, builder, signature.args[0], ta, _I32)
+        wp = _ir_data(context, builder, signature.args[1], wa, _I32)
+        with cgutils.for_range(builder, builder.udiv(p_n, llir.Constant(p_n.type, 16))) as loop:
+            p0 = builder.mul(builder.sext(loop.index, _I64) if loop.index.type.width < 64 else loop.index, _c64(16))
+            r = [_ir_vload(builder, tp, builder.add(_c64(128 * a), p0), v16, 4) for a in range(16)]
+            for b in (8, 4, 2, 1):
+                lo = _vc(_I32, 16, [l if not l & b else 16 + (l ^ b) for l in range(16)])
+                hi = _vc(_I32, 16, [l ^ b if not l & b else 16 + l for l in range(16)])
+                for i in range(16):
+                    if not i & b:
+                        r[i], r[i | b] = (builder.shuffle_vector(r[i], r[i | b], lo),
+                                          builder.shuffle_vector(r[i], r[i | b], hi))
+            for a in range(16):
+                _ir_vstore(builder, r[a], wp, builder.mul(builder.add(p0, _c64(a)), _c64(16)), 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True)
-def _dec16(type_id, w, c0, m, wb, a, dsc, mn):
-    """Columns c0..c0+m-1 (c0 a multiple of 256) of weight row w into tile row a of
-    wb as int16 with sub-block scales folded in; dsc[s, a] = float scale of the
-    s-th 32 (legacy) or 256 (k-quant) columns; mn[g, a] = float offset added to
-    every weight of the g-th 16 columns (0 for formats without a minimum)."""
-    if type_id == GGML_Q4_K or type_id == GGML_Q5_K:  # Q5_K: Q4_K plus bit j of qh[l]
+def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
+    """Columns c0..c0+m-1 (c0 a multiple of 256) of weight row w into tmp[256a:]
+    as int16 with sub-block scales folded in; dsc[s, a] = float scale of the s-th
+    32 (legacy) or 256 (k-quant) columns; mn[g, a] = float offset added to every
+    weight of the g-th 16 columns (0 for formats without a minimum)."""
+    o = 256 * a
+    if type_id == GGML_Q4_K or type_id == GGML_Q5_K:
         five = type_id == GGML_Q5_K
         bsz = 176 if five else 144
-        qoff = 48 if five else 16
         blk = w[(c0 // 256) * bsz:(c0 // 256) * bsz + bsz]
         dsc[0, a] = _f16(blk, 0)
         dmin = _f16(blk, 2)
         for j in range(8):
-            sc, mi = _k_scale_min(blk, 4, j)
+            mi = _k_scale_min(blk, 4, j)[1]
             mn[2 * j, a] = mn[2 * j + 1, a] = -(dmin * np.float32(mi))
-            qs = blk[qoff + (j >> 1) * 32:qoff + (j >> 1) * 32 + 32]
-            sh = 4 * (j & 1)
-            for l in range(32):
-                q = (qs[l] >> sh) & 0xF
-                if five:
-                    q |= ((blk[16 + l] >> j) & 1) << 4
-                _put16(wb, a, 32 * j + l, np.int16(np.int32(sc) * q))
+        if five:
+            _d16_q5_k(w, c0 // 256, 1, tmp, o)
+        else:
+            _d16_q4_k(w, c0 // 256, 1, tmp, o)
     elif type_id == GGML_Q6_K:
-        blk = w[(c0 // 256) * 210:(c0 // 256) * 210 + 210]
-        dsc[0, a] = _f16(blk, 208)
-        for h in range(2):
-            for t in range(4):
-                for half in range(2):
-                    e0 = h * 128 + t * 32 + half * 16
-                    sc = np.int32(np.int8(blk[192 + e0 // 16]))
-                    lo_o = h * 64 + (t & 1) * 32 + half * 16
-                    hi_o = 128 + h * 32 + half * 16
-                    for l in range(16):
-                        q = ((blk[lo_o + l] >> (4 * (t >> 1))) & 0xF) | (((blk[hi_o + l] >> (2 * t)) & 3) << 4)
-                        _put16(wb, a, e0 + l, np.int16(sc * (np.int32(q) - 32)))
+        dsc[0, a] = _f16(w, (c0 // 256) * 210 + 208)
+        _d16_q6_k(w, c0 // 256, 1, tmp, o)
     else:  # legacy blocks of 32
-        for b in range(m // 32):
-            i = c0 // 32 + b
-            if type_id == GGML_Q8_0:
-                o = i * 34
-                dsc[b, a] = _f16(w, o)
-                for l in range(32):
-                    _put16(wb, a, 32 * b + l, np.int16(np.int8(w[o + 2 + l])))
-            else:
-                legacy1 = type_id == GGML_Q4_1
-                o = i * 20 if legacy1 else i * 18
-                dsc[b, a] = _f16(w, o)
-                if legacy1:
-                    mn[2 * b, a] = mn[2 * b + 1, a] = _f16(w, o + 2)
-                off = 0 if legacy1 else 8
-                qo = o + 4 if legacy1 else o + 2
-                for l in range(16):
-                    v = np.int32(w[qo + l])
-                    _put16(wb, a, 32 * b + l, np.int16((v & 0xF) - off))
-                    _put16(wb, a, 32 * b + 16 + l, np.int16((v >> 4) - off))
+        b0 = c0 // 32
+        nb = m // 32
+        if type_id == GGML_Q8_0:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 34)
+            _d16_q8_0(w, b0, nb, tmp, o)
+        elif type_id == GGML_Q4_1:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 20)
+                mn[2 * b, a] = mn[2 * b + 1, a] = _f16(w, (b0 + b) * 20 + 2)
+            _d16_q4_1(w, b0, nb, tmp, o)
+        else:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 18)
+            _d16_q4_0(w, b0, nb, tmp, o)
 
 
 @njit(cache=True, inline="always")
@@ -1867,7 +1940,7 @@ def _has_min(type_id):
 
 
 @njit(cache=True, fastmath=_FM)
-def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc):
+def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc):
     """acc[:n_pad, :k] = xq-rounded X @ dequant(W[i0:i0+k]).T: one tile of k <= 16 rows."""
     cols = xq.shape[1]
     n_chunks = xd.shape[1]
@@ -1878,11 +1951,12 @@ def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc):
         c0 = 256 * ch
         m = min(256, cols - c0)
         for a in range(k):
-            _dec16(type_id, W[i0 + a], c0, m, wb, a, dsc, mn)
+            _dec16(type_id, W[i0 + a], c0, m, tmp, a, dsc, mn)
         if k < _I16_ROWS:  # a short last tile: zero rows, outputs dropped
-            wb[:, k:, :] = 0
+            tmp[256 * k:] = 0
             dsc[:, k:] = 0.0
             mn[:, k:] = 0.0
+        _tile_transpose(tmp, wb, (m + 31) // 32 * 16)
         for t0 in range(0, n_pad, T):
             for s in range(m // sb):
                 _i16_tile(wb, s * (sb // 2) * 2 * _I16_ROWS, sb // 2, xq, t0 * cols + c0 + s * sb,
@@ -1913,6 +1987,7 @@ def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
     n_tasks = min(n_tiles, _N_TASKS)
     per_task = (n_tiles + n_tasks - 1) // n_tasks if n_tasks > 0 else 0
     for task in prange(n_tasks):
+        tmp = np.zeros(R * 256, np.int16)
         wb = np.zeros((128, R, 2), np.int16)
         dsc = np.zeros((8, R), np.float32)
         mn = np.zeros((16, R), np.float32)
@@ -1921,17 +1996,17 @@ def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
             if tile < n0:
                 i0 = tile * R
                 k = min(R, W0.shape[0] - i0)
-                _i16_tile_rows(t0, W0, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                _i16_tile_rows(t0, W0, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
                 out0[:, i0:i0 + k] = acc[:n, :k]
             elif tile < n0 + n1:
                 i0 = (tile - n0) * R
                 k = min(R, W1.shape[0] - i0)
-                _i16_tile_rows(t1, W1, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                _i16_tile_rows(t1, W1, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
                 out1[:, i0:i0 + k] = acc[:n, :k]
             else:
                 i0 = (tile - n0 - n1) * R
                 k = min(R, W2.shape[0] - i0)
-                _i16_tile_rows(t2, W2, i0, k, xq, xd, xs, n_pad, wb, dsc, mn, acc)
+                _i16_tile_rows(t2, W2, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
                 out2[:, i0:i0 + k] = acc[:n, :k]
 
 

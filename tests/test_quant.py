@@ -376,3 +376,20 @@ def test_size_mismatch_is_a_value_error():
         quant.dequantize(np.zeros(18, np.uint8), quant.GGML_Q4_0, (31,))
     with pytest.raises(ValueError, match="bytes"):
         quant.matvec(quant.GGML_Q4_0, np.zeros((2, 17), np.uint8), np.zeros(32, np.float32))
+
+
+def test_tile_transpose():
+    """The int16 tile's column-pair transpose: wb[p, a] (as int32 pairs) = tmp[a, p]
+    for the first P pairs, nothing past them touched."""
+    from numba import njit
+
+    transpose = njit(lambda tmp, wb, P: quant._tile_transpose(tmp, wb, P))
+    rng = np.random.default_rng(6000)
+    tmp = rng.integers(-2**15, 2**15, 16 * 256).astype(np.int16)
+    for P in (16, 48, 128):
+        wb = np.full((128, 16, 2), 7, np.int16)
+        transpose(tmp, wb, P)
+        want = tmp.view(np.int32).reshape(16, 128).T
+        got = wb.view(np.int32).reshape(128, 16)
+        assert np.array_equal(got[:P], want[:P]), P
+        assert np.all(wb[P:] == 7), P
