@@ -136,7 +136,7 @@ def _linear3(t0, w0, t1, w1, t2, w2, x, out0, out1, out2, exact):
 @njit(cache=True)
 def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to, bq, bk, bv,
                       q_norm, k_norm, ffn_norm, wg, tg, wu, tu, wd, td, k_cache, v_cache,
-                      n_heads, n_kv_heads, inv_freq, neox, eps, capture, exact):
+                      n_heads, n_kv_heads, rope_cs, neox, eps, capture, exact):
     """x[n, d] += attention(rms_norm(x)); x += ffn(rms_norm(x)), appending K/V to the cache.
     exact: float32 activations into every matmul (attention inspection)."""
     n, d = x.shape
@@ -155,8 +155,8 @@ def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to,
     if q_norm.shape[0] > 0:
         ops.rms_norm_heads(q, n_heads, hdk, q_norm, eps)
         ops.rms_norm_heads(k, n_kv_heads, hdk, k_norm, eps)
-    ops.rope(q, n_heads, hdk, pos, inv_freq, neox)
-    ops.rope(k, n_kv_heads, hdk, pos, inv_freq, neox)
+    ops.rope_rotate(q, n_heads, hdk, rope_cs, neox)
+    ops.rope_rotate(k, n_kv_heads, hdk, rope_cs, neox)
     ops.kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, hdk, hdv)
     att = np.empty((n, n_heads * hdv), np.float32)
     ops.attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads,
@@ -193,6 +193,7 @@ def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, 
     """
     empty3 = np.zeros((0, 0, 0), np.float32)
     exact = capture.shape[0] > 0
+    rope_cs = ops.rope_table(pos, inv_freq)  # the same angles in every layer
     for l in range(mats.shape[0]):
         m = mats[l]
         ci = cap_index[l]
@@ -202,7 +203,7 @@ def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, 
             _mat(blob, m[WQ]), m[WQ, 3], _mat(blob, m[WK]), m[WK, 3], _mat(blob, m[WV]), m[WV, 3],
             _mat(blob, m[WO]), m[WO, 3], bq[l], bk[l], bv[l], q_norm[l], k_norm[l], ffn_norm[l],
             _mat(blob, m[WG]), m[WG, 3], _mat(blob, m[WU]), m[WU, 3], _mat(blob, m[WD]), m[WD, 3],
-            k_cache[l], v_cache[l], n_heads, n_kv_heads, inv_freq, neox, eps, cap, exact)
+            k_cache[l], v_cache[l], n_heads, n_kv_heads, rope_cs, neox, eps, cap, exact)
 
 
 class Model:

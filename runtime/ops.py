@@ -135,20 +135,36 @@ def rope_inv_freq(n_rot: int, base: float, freq_scale: float = 1.0) -> np.ndarra
 
 
 @njit(cache=True)
-def rope(x, n_heads, head_dim, pos, inv_freq, neox):
-    """Rotate pairs of each head of x[n, n_heads*head_dim] in place by pos * inv_freq.
+def rope_table(pos, inv_freq):
+    """cos and sin of theta = pos[t] * inv_freq[i] as float32 [2, n, n_rot/2]
+    (angles in float64).  Every layer rotates by the same angles, so the engine
+    builds this once per step instead of calling cos and sin in each layer."""
+    n = pos.shape[0]
+    half = inv_freq.shape[0]
+    cs = np.empty((2, n, half), np.float32)
+    for t in range(n):
+        p = np.float64(pos[t])
+        for i in range(half):
+            th = p * inv_freq[i]
+            cs[0, t, i] = np.float32(math.cos(th))
+            cs[1, t, i] = np.float32(math.sin(th))
+    return cs
+
+
+@njit(cache=True)
+def rope_rotate(x, n_heads, head_dim, cs, neox):
+    """Rotate pairs of each head of x[n, n_heads*head_dim] in place by the angles
+    of cs = rope_table(pos, inv_freq).
 
     "normal" (llama) style pairs (2i, 2i+1); NEOX (qwen) style pairs (i, i + n_rot/2).
     Dimensions past n_rot = 2*len(inv_freq) are left as they are.
     """
     n = x.shape[0]
-    half = inv_freq.shape[0]
+    half = cs.shape[2]
     for t in range(n):
-        p = np.float64(pos[t])
         for i in range(half):
-            th = p * inv_freq[i]
-            c = np.float32(math.cos(th))
-            s = np.float32(math.sin(th))
+            c = cs[0, t, i]
+            s = cs[1, t, i]
             for h in range(n_heads):
                 o = h * head_dim
                 if neox:
@@ -161,6 +177,13 @@ def rope(x, n_heads, head_dim, pos, inv_freq, neox):
                 b = x[t, ib]
                 x[t, ia] = a * c - b * s
                 x[t, ib] = a * s + b * c
+
+
+@njit(cache=True)
+def rope(x, n_heads, head_dim, pos, inv_freq, neox):
+    """Rotate the heads of x[n, n_heads*head_dim] in place by pos * inv_freq
+    (rope_table, then rope_rotate)."""
+    rope_rotate(x, n_heads, head_dim, rope_table(pos, inv_freq), neox)
 
 
 @njit(cache=True)
@@ -361,7 +384,10 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         out[i, h * hdv:(h + 1) * hdv] = acc
 
 
-@njit(cache=True, fastmath=_FM)
+# error_model="numpy": with Python's (the default) every float division checks for
+# zero and may raise, which keeps LLVM from vectorising the loop (2.2 ns -> 0.3 ns
+# per value; the results are the same bits).
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def _swiglu_row(g, u, o):
     for j in range(g.shape[0]):
         x = g[j]
