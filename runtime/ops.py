@@ -274,12 +274,16 @@ def _softmax_causal(sc, L):
         sc[t] = 0.0
 
 
+_SCORE_KEYS = 32  # keys per score tile: 4 queries x 2 vectors = 8 independent FMA chains
+
+
 @intrinsic
 def _score_tile(typingctx, kt, kto, kts, q, qo, qs, hd, scale, out, oo, os):
-    """Scores of 4 queries x 16 keys as a register tile: for a < 4, l < 16,
+    """Scores of 4 queries x 32 keys as a register tile: for a < 4, l < 32,
     out[oo + a*os + l] = scale * sum over j < hd of q[qo + a*qs + j] * kt[kto + j*kts + l]
     (flat float32 offsets; kt holds K transposed, keys along the vector lanes), so
-    no horizontal sum per key: one key-vector load per 4 multiply-adds."""
+    no horizontal sum per key: two key-vector loads per 8 multiply-adds, and 8
+    accumulators, enough to cover the FMA latency (4 left half of it idle)."""
     sig = types.void(kt, kto, kts, q, qo, qs, hd, scale, out, oo, os)
 
     def codegen(context, builder, signature, args):
@@ -291,19 +295,74 @@ def _score_tile(typingctx, kt, kto, kts, q, qo, qs, hd, scale, out, oo, os):
         qp = _ir_data(context, builder, aty[3], qa, f32)
         op = _ir_data(context, builder, aty[8], oa, f32)
         fm = ("contract", "reassoc")
-        accs = [cgutils.alloca_once_value(builder, llir.Constant(v16, [0.0] * 16)) for _ in range(4)]
+        accs = [[cgutils.alloca_once_value(builder, llir.Constant(v16, [0.0] * 16)) for _ in range(2)]
+                for _ in range(4)]
         qrow = [builder.add(qo_, builder.mul(qs_, llir.Constant(i64, a))) for a in range(4)]
         with cgutils.for_range(builder, hd_) as loop:
             j = loop.index
-            kv = _ir_vload(builder, kp, builder.add(kto_, builder.mul(j, kts_)), v16, 4)
+            krow = builder.add(kto_, builder.mul(j, kts_))
+            kv = [_ir_vload(builder, kp, builder.add(krow, llir.Constant(i64, 16 * h)), v16, 4) for h in range(2)]
             for a in range(4):
-                qj = builder.load(builder.gep(qp, [builder.add(qrow[a], j)]))
-                prod = builder.fmul(kv, _ir_splat(builder, qj, 16), flags=fm)
-                builder.store(builder.fadd(builder.load(accs[a]), prod, flags=fm), accs[a])
+                qj = _ir_splat(builder, builder.load(builder.gep(qp, [builder.add(qrow[a], j)])), 16)
+                for h in range(2):
+                    prod = builder.fmul(kv[h], qj, flags=fm)
+                    builder.store(builder.fadd(builder.load(accs[a][h]), prod, flags=fm), accs[a][h])
         sv = _ir_splat(builder, sc_, 16)
         for a in range(4):
-            _ir_vstore(builder, builder.fmul(builder.load(accs[a]), sv),
-                       op, builder.add(oo_, builder.mul(os_, llir.Constant(i64, a))), 4)
+            for h in range(2):
+                _ir_vstore(builder, builder.fmul(builder.load(accs[a][h]), sv), op,
+                           builder.add(oo_, builder.add(builder.mul(os_, llir.Constant(i64, a)),
+                                                        llir.Constant(i64, 16 * h))), 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_PV_COLS = 64  # value columns per _pv_tile call: 4 queries x 4 vectors = 16 accumulators
+
+
+@intrinsic
+def _pv_tile(typingctx, p, po, ps, v, vo, vs, L, out, oo, os):
+    """Weighted sums of value rows for 4 queries x 64 columns, as a register tile:
+    for a < 4, c < 64, out[oo + a*os + c] = sum over t < L of
+    p[po + a*ps + t] * v[vo + t*vs + c] (flat offsets; v float32 or f16 bits).
+    The 16 accumulators stay in registers across all L rows; numba's loop kept
+    them in memory, a load and a store per multiply-add."""
+    sig = types.void(p, po, ps, v, vo, vs, L, out, oo, os)
+    half = v.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        pa, po_, ps_, va, vo_, vs_, l_n, oa, oo_, os_ = args
+        aty = signature.args
+        f32, i16, i64 = llir.FloatType(), llir.IntType(16), llir.IntType(64)
+        v16 = llir.VectorType(f32, 16)
+        c64 = lambda k: llir.Constant(i64, k)  # noqa: E731
+        pp = _ir_data(context, builder, aty[0], pa, f32)
+        vp = _ir_data(context, builder, aty[3], va, i16 if half else f32)
+        op = _ir_data(context, builder, aty[7], oa, f32)
+        fm = ("contract", "reassoc")
+        accs = [[cgutils.alloca_once_value(builder, llir.Constant(v16, [0.0] * 16)) for _ in range(4)]
+                for _ in range(4)]
+        prow = [builder.add(po_, builder.mul(ps_, c64(a))) for a in range(4)]
+        with cgutils.for_range(builder, l_n) as loop:
+            t = loop.index
+            row = builder.add(vo_, builder.mul(t, vs_))
+            vv = []
+            for k in range(4):
+                if half:
+                    h = _ir_vload(builder, vp, builder.add(row, c64(16 * k)), llir.VectorType(i16, 16), 2)
+                    vv.append(builder.fpext(builder.bitcast(h, llir.VectorType(llir.HalfType(), 16)), v16))
+                else:
+                    vv.append(_ir_vload(builder, vp, builder.add(row, c64(16 * k)), v16, 4))
+            for a in range(4):
+                pt = _ir_splat(builder, builder.load(builder.gep(pp, [builder.add(prow[a], t)])), 16)
+                for k in range(4):
+                    prod = builder.fmul(pt, vv[k], flags=fm)
+                    builder.store(builder.fadd(builder.load(accs[a][k]), prod, flags=fm), accs[a][k])
+        for a in range(4):
+            for k in range(4):
+                _ir_vstore(builder, builder.load(accs[a][k]), op,
+                           builder.add(oo_, builder.add(builder.mul(os_, c64(a)), c64(16 * k))), 4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -313,15 +372,15 @@ def _score_tile(typingctx, kt, kto, kts, q, qo, qs, hd, scale, out, oo, os):
 def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out):
     """Prefill attention, four queries per task (n % 4 == 0, no capture): same
     math as attention(), with K converted once per call to float32 and transposed
-    (kt[g, j, t]) for 4 x 16 score tiles, and each V cache row read once per four
-    queries."""
+    (kt[g, j, t]) for 4 x 32 score tiles, and the weighted values as 4 x 64
+    register tiles (_pv_tile) that read each V cache row once per four queries."""
     n = q.shape[0]
     hdk = k_cache.shape[2]
     hdv = v_cache.shape[2]
     group = n_heads // n_kv_heads
     nq = n // 4
     n_keys = n_past + n
-    kp = (n_keys + 15) // 16 * 16
+    kp = (n_keys + _SCORE_KEYS - 1) // _SCORE_KEYS * _SCORE_KEYS
     kt = np.zeros((n_kv_heads, hdk, kp), np.float32)
     for gj in prange(n_kv_heads * hdk):
         g = gj // hdk
@@ -335,17 +394,22 @@ def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, o
         g = h // group
         i0 = 4 * b
         L = n_past + i0 + 4  # keys the last of the four queries sees
-        lp = (L + 15) // 16 * 16
+        lp = (L + _SCORE_KEYS - 1) // _SCORE_KEYS * _SCORE_KEYS
         sc = np.empty((4, lp), np.float32)
-        for t0 in range(0, L, 16):
+        for t0 in range(0, L, _SCORE_KEYS):
             _score_tile(kt, g * hdk * kp + t0, kp, q, i0 * qcols + h * hdk, qcols, hdk,
                         np.float32(scale), sc, t0, lp)
         for a in range(4):
             _softmax_causal(sc[a], n_past + i0 + a + 1)
-        acc = np.empty((4, hdv), np.float32)
-        _weighted_values4(sc, v_cache, g, L, acc)
-        for a in range(4):
-            out[i0 + a, h * hdv:(h + 1) * hdv] = acc[a]
+        if hdv % _PV_COLS == 0 and v_cache.flags.c_contiguous and out.flags.c_contiguous:
+            for c0 in range(0, hdv, _PV_COLS):
+                _pv_tile(sc, 0, lp, v_cache, g * hdv + c0, v_cache.shape[1] * hdv, L,
+                         out, i0 * out.shape[1] + h * hdv + c0, out.shape[1])
+        else:
+            acc = np.empty((4, hdv), np.float32)
+            _weighted_values4(sc, v_cache, g, L, acc)
+            for a in range(4):
+                out[i0 + a, h * hdv:(h + 1) * hdv] = acc[a]
 
 
 @njit(cache=True, parallel=True)

@@ -66,14 +66,16 @@ def _attention_ref(q, kc, vc, n_past, n_heads, n_kv, scale):
     return out
 
 
-@pytest.mark.parametrize("n,n_past", [(4, 0), (16, 0), (20, 5), (36, 37), (64, 200)])
+@pytest.mark.parametrize("n,n_past,hd", [(4, 0, 64), (16, 0, 64), (20, 5, 64), (36, 37, 64),
+                                         (64, 200, 64), (36, 37, 128), (20, 45, 80)])
 @pytest.mark.parametrize("kv16", [False, True], ids=["f32-cache", "f16-cache"])
-def test_attention_matches_numpy(n, n_past, kv16):
+def test_attention_matches_numpy(n, n_past, hd, kv16):
     """Causal GQA attention, per-query path (n < 16) and the 4-query blocks with
-    score tiles of 16 keys (key counts off multiples of 16, a cache already holding
-    keys), against float64 NumPy on the same cache values."""
+    score tiles of 32 keys (key counts off multiples of 32, a cache already holding
+    keys; head dims of one and two 64-column value tiles, and 80, which the value
+    tiles do not cover), against float64 NumPy on the same cache values."""
     rng = np.random.default_rng(n + n_past)
-    n_heads, n_kv, hd = 6, 2, 64
+    n_heads, n_kv = 6, 2
     ctx = n_past + n + 7
     k = rng.standard_normal((ctx, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((ctx, n_kv, hd)).astype(np.float32)
