@@ -274,6 +274,15 @@ def _softmax_causal(sc, L):
         sc[t] = 0.0
 
 
+@njit(cache=True, inline="always")
+def _zigzag(k, n):
+    """The k-th of 0, n-1, 1, n-2, 2, ...: causal queries in an order whose every
+    contiguous run of even length holds as many keys early as late.  numba's
+    parallel loops give each thread an equal contiguous run of tasks; in query
+    order the thread with the last queries did three times the other's work."""
+    return k // 2 if k % 2 == 0 else n - 1 - k // 2
+
+
 _SCORE_KEYS = 32  # keys per score tile: 4 queries x 2 vectors = 8 independent FMA chains
 
 
@@ -389,7 +398,7 @@ def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, o
             kt[g, j, t] = _kv_f32(k_cache[t, g, j])
     qcols = q.shape[1]
     for task in prange(nq * n_heads):
-        b = task // n_heads
+        b = _zigzag(task // n_heads, nq)
         h = task % n_heads
         g = h // group
         i0 = 4 * b
@@ -433,7 +442,7 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out)
         return
     for task in prange(n * n_heads):
-        i = task // n_heads
+        i = _zigzag(task // n_heads, n)
         h = task % n_heads
         g = h // group
         L = n_past + i + 1
