@@ -284,9 +284,10 @@ def _ir_bytes(builder, sp, o, off, n):
 
 
 def _ir_nibbles(builder, b):
-    """<16 x i8> bytes -> <32 x i8>: the 16 low nibbles, then the 16 high ones."""
-    return builder.shuffle_vector(builder.and_(b, _vc(_I8, 16, 15)), builder.lshr(b, _vc(_I8, 16, 4)),
-                                  _vc(_I32, 32, list(range(32))))
+    """<n x i8> bytes -> <2n x i8>: the n low nibbles, then the n high ones."""
+    n = b.type.count
+    return builder.shuffle_vector(builder.and_(b, _vc(_I8, n, 15)), builder.lshr(b, _vc(_I8, n, 4)),
+                                  _vc(_I32, 2 * n, list(range(2 * n))))
 
 
 def _ir_float(builder, v, signed):
@@ -413,22 +414,24 @@ def _ir_k_scales(builder, sp, o, d, dmin):
             builder.fmul(_ir_splat(builder, dmin, 8), _ir_float(builder, mi, False)))
 
 
-def _k_body(five):
-    qoff = 48 if five else 16
+def _ir_k_quants(builder, sp, o, g, qh):
+    """Q4_K / Q5_K: q (<64 x i8>, 0..15 or 0..31) of sub-blocks 2g and 2g + 1, the
+    nibbles of qs[32g .. 32g + 31] with, for Q5_K (qh: its 32 high-bit bytes, else
+    None), bits 2g and 2g + 1 of qh on top."""
+    q = _ir_nibbles(builder, _ir_bytes(builder, sp, o, (16 if qh is None else 48) + 32 * g, 32))
+    if qh is None:
+        return q
+    hb = builder.shuffle_vector(builder.lshr(qh, _vc(_I8, 32, 2 * g)), builder.lshr(qh, _vc(_I8, 32, 2 * g + 1)),
+                                _vc(_I32, 64, list(range(64))))
+    return builder.or_(q, builder.shl(builder.and_(hb, _vc(_I8, 64, 1)), _vc(_I8, 64, 4)))
 
+
+def _k_body(five):
     def body(builder, sp, o, dp, out):
         dl, ml = _ir_k_scales(builder, sp, o, _ir_f16(builder, sp, o), _ir_f16(builder, sp, builder.add(o, _c64(2))))
         qh = _ir_bytes(builder, sp, o, 16, 32) if five else None
         for g in range(4):
-            q = builder.zext(builder.shuffle_vector(*(lambda b: (builder.and_(b, _vc(_I8, 32, 15)),
-                                                                  builder.lshr(b, _vc(_I8, 32, 4))))(
-                _ir_bytes(builder, sp, o, qoff + 32 * g, 32)), _vc(_I32, 64, list(range(64)))),
-                llir.VectorType(_I32, 64))
-            if five:
-                hb = builder.shuffle_vector(builder.lshr(qh, _vc(_I8, 32, 2 * g)), builder.lshr(qh, _vc(_I8, 32, 2 * g + 1)),
-                                            _vc(_I32, 64, list(range(64))))
-                q = builder.or_(q, builder.shl(builder.zext(builder.and_(hb, _vc(_I8, 64, 1)), llir.VectorType(_I32, 64)),
-                                               _vc(_I32, 64, 4)))
+            q = builder.zext(_ir_k_quants(builder, sp, o, g, qh), llir.VectorType(_I32, 64))
             idx = [2 * g + lane // 32 for lane in range(64)]
             v = builder.fsub(builder.fmul(_ir_lanes(builder, dl, idx), _ir_float(builder, q, True)),
                              _ir_lanes(builder, ml, idx))
@@ -456,8 +459,6 @@ def _q6_k_body(builder, sp, o, dp, out):
             q = builder.sub(builder.zext(u, llir.VectorType(_I32, 64)), _vc(_I32, 64, 32))
             idx = [8 * h + 4 * s + lane // 16 for lane in range(64)]
             _ir_store(builder, dp, out, 128 * h + 64 * s, builder.fmul(_ir_lanes(builder, dl, idx), _ir_float(builder, q, True)))
-
-
 
 
 def _ir_kvalues(builder, q):
@@ -1233,25 +1234,15 @@ def _q6_k_block(builder, i, wp, xp, xdp, xsp):
     i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
     c = lambda k: llir.Constant(i64, k)  # noqa: E731
     v64 = llir.VectorType(i8, 64)
-    v32 = llir.VectorType(i8, 32)
     v16 = llir.VectorType(i32, 16)
     o = builder.mul(i, c(210))
     xo = builder.mul(i, c(256))
     d = _ir_f16(builder, wp, builder.add(o, c(208)))
     sc = builder.sext(_ir_vload(builder, wp, builder.add(o, c(192)), llir.VectorType(i8, 16), 1), v16)
-    cat = llir.Constant(llir.VectorType(i32, 64), list(range(64)))
-    k = lambda v, t: llir.Constant(t, [v] * t.count)  # noqa: E731
     tot = llir.Constant(v16, [0] * 16)
     zero = llir.Constant(v16, [0] * 16)
     for h in range(2):
-        ql = _ir_vload(builder, wp, builder.add(o, c(64 * h)), v64, 1)
-        qh = _ir_vload(builder, wp, builder.add(o, c(128 + 32 * h)), v32, 1)
-        hb = [builder.and_(builder.lshr(qh, k(2 * t, v32)), k(3, v32)) for t in range(4)]
-        u_lo = builder.or_(builder.and_(ql, k(15, v64)),
-                           builder.shl(builder.shuffle_vector(hb[0], hb[1], cat), k(4, v64)))
-        u_hi = builder.or_(builder.lshr(ql, k(4, v64)),
-                           builder.shl(builder.shuffle_vector(hb[2], hb[3], cat), k(4, v64)))
-        for s, u6 in enumerate((u_lo, u_hi)):
+        for s, u6 in enumerate(_ir_q6_k_half(builder, wp, o, h)):
             xa = _ir_vload(builder, xp, builder.add(xo, c(128 * h + 64 * s)), v64, 1)
             scale = _ir_lanes(builder, sc, [8 * h + 4 * s + lane // 4 for lane in range(16)])
             tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u6, xa), scale))
@@ -1303,10 +1294,7 @@ def _legacy_dot_intrinsic(kind):
                     u = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), q), q)
                     x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
                 else:
-                    b = _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1)
-                    u = builder.shuffle_vector(builder.and_(b, llir.Constant(v16, [15] * 16)),
-                                               builder.lshr(b, llir.Constant(v16, [4] * 16)),
-                                               llir.Constant(llir.VectorType(i32, 32), list(range(32))))
+                    u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1))
                 v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
                 if kind != "q8_0":
                     s0 = builder.load(builder.gep(xsp, [builder.mul(i, c(2))]))
@@ -1575,12 +1563,7 @@ def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
     region.  A single row takes three launches: one loop over the rows of all three
     matrices ran 1.4-2.3x slower per row, even on one thread (SmolLM2 gate + up
     82 us vs 2 x 19 us), and a launch costs about 1 us."""
-    if X.shape[0] <= FUSED_MAX_N:
-        matmul_q8(t0, W0, X, out0)
-        matmul_q8(t1, W1, X, out1)
-        if W2.shape[0] > 0:
-            matmul_q8(t2, W2, X, out2)
-    elif _has_i16(t0) and _has_i16(t1) and _has_i16(t2) and X.shape[0] >= I16_MIN_N:
+    if _has_i16(t0) and _has_i16(t1) and _has_i16(t2) and X.shape[0] >= I16_MIN_N:
         _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
     else:
         matmul_q8(t0, W0, X, out0)
@@ -1810,20 +1793,12 @@ def _q8_0_body16(builder, sp, o, dp, out):
 
 def _k_body16(five):
     """Q4_K / Q5_K: sc_j * q for the 8 sub-blocks j (the minimums go to mn)."""
-    qoff = 48 if five else 16
-    cat = _vc(_I32, 64, list(range(64)))
 
     def body(builder, sp, o, dp, out):
         sc = builder.zext(_ir_k_scale_bytes(builder, sp, o)[0], llir.VectorType(_I16, 8))
         qh = _ir_bytes(builder, sp, o, 16, 32) if five else None
         for g in range(4):
-            b = _ir_bytes(builder, sp, o, qoff + 32 * g, 32)
-            q = builder.shuffle_vector(builder.and_(b, _vc(_I8, 32, 15)), builder.lshr(b, _vc(_I8, 32, 4)), cat)
-            if five:
-                hb = builder.shuffle_vector(builder.lshr(qh, _vc(_I8, 32, 2 * g)),
-                                            builder.lshr(qh, _vc(_I8, 32, 2 * g + 1)), cat)
-                q = builder.or_(q, builder.shl(builder.and_(hb, _vc(_I8, 64, 1)), _vc(_I8, 64, 4)))
-            v = builder.mul(builder.zext(q, llir.VectorType(_I16, 64)),
+            v = builder.mul(builder.zext(_ir_k_quants(builder, sp, o, g, qh), llir.VectorType(_I16, 64)),
                             _ir_lanes(builder, sc, [2 * g + lane // 32 for lane in range(64)]))
             _ir_vstore(builder, v, dp, builder.add(out, _c64(64 * g)), 2)
 
@@ -1939,7 +1914,7 @@ def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc):
             tmp[256 * k:] = 0
             dsc[:, k:] = 0.0
             mn[:, k:] = 0.0
-        _tile_transpose(tmp, wb, (m + 31) // 32 * 16)
+        _tile_transpose(tmp, wb, m // 2)  # m is a multiple of 32
         for t0 in range(0, n_pad, T):
             for s in range(m // sb):
                 _i16_tile(wb, s * (sb // 2) * 2 * _I16_ROWS, sb // 2, xq, t0 * cols + c0 + s * sb,

@@ -309,6 +309,7 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
     model = Wd @ (xq.reshape(-1, bs) * xd[:, None].astype(np.float64)).reshape(-1)
     assert abs(results[1] - model) <= 1e-5 * np.abs(Wd).sum() * np.abs(xd).max() * 127
 
+
 def test_fused_kernels_on_real_weights(real_models):
     """matvec (fused) and batched matmul on 64 rows of one real matrix per type and file."""
     rng = np.random.default_rng(11)
