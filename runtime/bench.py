@@ -77,11 +77,23 @@ class _LlamaCpp:
 
 
 def _import_llama_cpp():
+    """llama_cpp through runtime.llamacpp (AMX mitigation where CPU and build need it)."""
+    from . import llamacpp
+
     try:
-        import llama_cpp
-    except ImportError:
+        return llamacpp.load()
+    except llamacpp.LlamaCppMissing:
         raise RuntimeError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[test]')") from None
-    return llama_cpp
+
+
+def _probe_llama_cpp(path) -> None:
+    """One batched evaluation of the file in a child process first: a llama.cpp that
+    crashes on it gives one clear error instead of killing the benchmark."""
+    from . import llamacpp
+
+    r = llamacpp.probe(path)
+    if not r.ok:
+        raise RuntimeError(r.describe())
 
 
 def _check_args(n_prompt: int, n_gen: int, reps: int) -> None:
@@ -185,6 +197,13 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     say(f"ours: {path.name}, {threads} threads")
     engines = [_engine("ours", path, n_prompt, n_gen, threads)]
     if vs_llamacpp:
+        from .llamacpp import mitigation
+
+        m = mitigation()
+        doc["llamacpp_mitigation"] = {"active": m.active, "cpu_amx": m.cpu_amx, "build_amx": m.build_amx,
+                                      "note": m.describe()}
+        say(m.describe())
+        _probe_llama_cpp(path)
         say("llama.cpp: same file, threads and token ids, repetitions interleaved with ours")
         engines.append(_engine("llama.cpp", path, n_prompt, n_gen, threads))
     res = _run(engines, n_prompt, n_gen, reps, seed)
@@ -241,6 +260,9 @@ def format_table(doc: dict) -> str:
         if vs:
             row += f" | {t['llamacpp']['median']:14.1f} | {t['ratio']:5.2f}"
         lines.append(row)
+    mit = doc.get("llamacpp_mitigation")
+    if mit and mit["active"]:
+        lines.append("llama.cpp ran with use_extra_bufts=False (AMX CPU + AMX build): no REPACK")
     lines.append(f"median of {doc['repetitions']} repetitions (min..max)"
                  + (f"; commit {doc['commit']}" if doc.get("commit") else ""))
     return "\n".join(lines)

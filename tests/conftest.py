@@ -36,9 +36,30 @@ def wikitext() -> str:
     return WIKITEXT.read_text(encoding="utf-8")
 
 
+def pytest_report_header(config):
+    """One line saying how llama.cpp is loaded on this CPU and build (runtime.llamacpp)."""
+    from runtime import llamacpp
+
+    try:
+        llamacpp.load()
+    except llamacpp.LlamaCppMissing as e:
+        return f"llama.cpp: {e}"
+    return llamacpp.mitigation().describe()
+
+
 @pytest.fixture(scope="session")
-def llama_cpp():
-    """The reference implementation; tests that need it skip only when it is not installed."""
-    return pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')"
-    )
+def llama_cpp(smollm2_path):
+    """The reference implementation, loaded through runtime.llamacpp (the AMX mitigation
+    where this CPU and build need it).  Before the first in-process use, one batched
+    evaluation runs in a child process: if llama.cpp crashes there, every test that
+    compares with it fails with that signal instead of the whole run dying."""
+    from runtime import llamacpp
+
+    try:
+        mod = llamacpp.load()
+    except llamacpp.LlamaCppMissing as e:
+        pytest.skip(str(e))
+    result = llamacpp.probe(smollm2_path)
+    if not result.ok:
+        pytest.fail(result.describe(), pytrace=False)
+    return mod

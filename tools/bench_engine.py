@@ -58,8 +58,10 @@ def main():
     fsize = os.path.getsize(m.gguf.path)
     bound = 2 * fsize + kv
 
-    import llama_cpp
+    from runtime import llamacpp
 
+    llama_cpp = llamacpp.load()
+    print(llamacpp.mitigation().describe())
     llm = llama_cpp.Llama(model_path=str(m.gguf.path), n_ctx=a.ctx, n_batch=512, n_threads=a.threads,
                           n_threads_batch=a.threads, verbose=False)
     llm.eval(prompt[:8])

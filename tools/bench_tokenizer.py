@@ -33,7 +33,9 @@ def main(argv=None):
     ap.add_argument("--text", type=Path, default=WIKITEXT)
     args = ap.parse_args(argv)
 
-    import llama_cpp
+    from runtime import llamacpp
+
+    llama_cpp = llamacpp.load()  # vocab only: no matmul, but one way in for every script
 
     text = args.text.read_text(encoding="utf-8")
     data = text.encode("utf-8")

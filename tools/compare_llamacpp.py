@@ -24,8 +24,10 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("-n", type=int, default=256)
     a = ap.parse_args(argv)
-    import llama_cpp
+    from runtime import llamacpp
 
+    llama_cpp = llamacpp.load()
+    print(llamacpp.mitigation().describe())
     voc = llama_cpp.Llama(model_path=a.model, vocab_only=True, verbose=False)
     n_vocab = voc.n_vocab()
     if n_vocab < 1000:

@@ -19,7 +19,9 @@ TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M"
 
 def quantize(src, dst, ftype: str, llama_cpp=None, n_threads: int = 2) -> Path:
     if llama_cpp is None:
-        import llama_cpp
+        from runtime import llamacpp
+
+        llama_cpp = llamacpp.load()
     name = ftype.upper()
     const = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
     if const is None:
