@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -28,16 +29,28 @@ def _handler(target: str):
     return run
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite (float() accepts
+    "nan" and "inf", and a NaN penalty silently turns every logit into NaN)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (llama.cpp names and defaults)")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--temp", type=finite_float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p, 1 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
+    g.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus top-p, 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=finite_float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=finite_float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
     g.add_argument("--repeat-last-n", type=int, default=64, help="penalty window, -1 = context (default 64)")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (default 0)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (default 0)")
+    g.add_argument("--presence-penalty", type=finite_float, default=0.0, help="presence penalty (default 0)")
+    g.add_argument("--frequency-penalty", type=finite_float, default=0.0, help="frequency penalty (default 0)")
     g.add_argument("--seed", type=int, default=-1, help="RNG seed, -1 = random (default -1)")
 
 
@@ -61,6 +74,9 @@ def _add_pull(sub) -> None:
     p = sub.add_parser("pull", help="download a registry model or a GGUF URL into models/")
     p.add_argument("name", nargs="?", default=None, help="registry name (see `pull --list`) or http(s) URL")
     p.add_argument("--list", action="store_true", help="list registry models")
+    p.add_argument("--max-size", default=None,
+                   help="largest file a URL may deliver: 64GiB, 500MB, bytes (default 64GiB, "
+                        "registry.DEFAULT_MAX_SIZE); registry models are held to their listed size")
     p.set_defaults(func=_handler("runtime.registry:cli_pull"))
 
 
@@ -174,4 +190,12 @@ def main(argv=None) -> int:
             raise
         msg = str(e) or e.__class__.__name__
         print(f"error: {msg}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        # Whatever asked for it (a huge model, a context too long for this
+        # machine), the user gets one line, not a traceback.
+        if os.environ.get("RUNTIME_DEBUG"):
+            raise
+        detail = f": {e}" if str(e) else ""
+        print(f"error: out of memory{detail}", file=sys.stderr)
         return 1

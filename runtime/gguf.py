@@ -17,6 +17,25 @@ Layout (GGUF v2/v3, little-endian)::
 
 A string is ``u64 length`` + UTF-8 bytes; an array is ``u32 item_type``,
 ``u64 count`` and the items (arrays may nest).
+
+What opening a file may cost is bounded by the file and absolutely, whatever
+sizes the header declares:
+
+* every count is checked against the bytes left before anything is allocated
+  (each tensor info takes at least 32 bytes, each key/value 13, each array
+  item its own minimum size), so the work is linear in the header's bytes;
+* the memory the parsed header takes (Python objects and array copies) is
+  metered while it is parsed and may not exceed ``MAX_HEADER_MEMORY``
+  (1 GiB): a 1 TiB sparse file declaring a 1 TiB array is refused before
+  the array is allocated.  Each value takes a small multiple of its bytes in
+  the file (at most about 10x; a tensor info about 15x while it is parsed);
+* absolute caps on what no real model comes near: ``MAX_TENSORS`` and
+  ``MAX_KV`` (65536 each; models have hundreds to a few thousand tensors and
+  tens of keys), ``MAX_ARRAY_STRINGS`` (2M strings inside arrays in all; the
+  largest vocabularies with their merges have under 1M) and
+  ``MAX_NESTED_ARRAYS`` (65536 arrays inside arrays in all; real models use
+  flat arrays).  Each nested array is a Python object of its own, so without
+  that cap 10M empty nested arrays (120 MB) would take gigabytes and seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +57,29 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS: ggml tensors have at most 4 dimensions
 MAX_ARRAY_NESTING = 8   # deeper nesting is certainly hostile (and would recurse)
 _INT64_MAX = (1 << 63) - 1
+
+# Absolute bounds on what a header may make us build (see the module docstring).
+MAX_HEADER_MEMORY = 1 << 30     # bytes the parsed header may take, estimated as it is parsed
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_ARRAY_STRINGS = 1 << 21     # strings inside arrays, all arrays together
+MAX_NESTED_ARRAYS = 1 << 16     # arrays inside arrays, all together
+
+# Smallest encodings, which bound every declared count by the bytes left: a
+# key/value is key length + type + a 1-byte value; a tensor info is name
+# length + n_dims + one dim + type + offset.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+
+# Memory estimates charged to the meter (CPython 3.11, 64-bit; measured with
+# tracemalloc and rounded up).  A str takes at most 4 bytes per UTF-8 byte (a
+# UCS-4 string whose other characters are undecodable bytes).
+_STR_COST = 80            # str object header
+_STR_BYTE_COST = 4
+_NDARRAY_COST = 128       # ndarray object, without its data
+_LIST_COST = 64           # list object, plus 8 bytes per item
+_KV_COST = 256            # two dict entries and a scalar value
+_TENSOR_INFO_COST = 512   # TensorInfo with its tuples, plus the dict entry
 
 
 class GGUFError(ValueError):
@@ -70,6 +112,9 @@ _SCALARS = {
     GGUFValueType.FLOAT64: ("<d", np.dtype("<f8")),
 }
 _SCALAR_STRUCTS = {t: struct.Struct(fmt) for t, (fmt, _) in _SCALARS.items()}
+# Native-order dtypes for the copies handed out, made once: a dtype made per
+# array would be a Python object per array (nested arrays can be many).
+_NATIVE_DTYPES = {t: dt.newbyteorder("=") for t, (_, dt) in _SCALARS.items()}
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -101,7 +146,7 @@ def ggml_type_name(type_id: int) -> str:
     return layout[0] if layout else f"unknown type {type_id}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # slots: a header may hold 65536 of them
 class TensorInfo:
     name: str
     dims: tuple[int, ...]    # GGUF order: ne0 (the contiguous row length) first
@@ -126,10 +171,25 @@ class _Parser:
         self.size = size
         self.pos = 0
         self.path = path
+        # What the header may still make us allocate (see the module docstring).
+        self.memory_left = MAX_HEADER_MEMORY
+        self.strings_left = MAX_ARRAY_STRINGS
+        self.nested_left = MAX_NESTED_ARRAYS
 
     def fail(self, msg: str, at: int | None = None) -> GGUFError:
         where = f" at offset {at:#x}" if at is not None else ""
         return GGUFError(f"{self.path}: {msg}{where}")
+
+    def charge(self, nbytes: int, what: str, at: int) -> None:
+        """Count memory that parsing is about to allocate; refuse past the cap
+        before allocating it."""
+        if nbytes > self.memory_left:
+            raise self.over_memory_cap(what, at)
+        self.memory_left -= nbytes
+
+    def over_memory_cap(self, what: str, at: int) -> GGUFError:
+        return self.fail(f"{what}: the header would take more than {MAX_HEADER_MEMORY >> 20} MiB "
+                         f"of memory to load (corrupt or hostile file)", at)
 
     def need(self, n: int, what: str) -> int:
         """Reserve n bytes for `what`; return their start offset."""
@@ -152,6 +212,7 @@ class _Parser:
         if n > self.size - self.pos:
             raise self.fail(f"{what}: string length {n} runs past the end of the file "
                             f"(size {self.size})", start)
+        self.charge(_STR_COST + _STR_BYTE_COST * n, what, start)
         pos = self.need(n, what)
         raw = self.buf[pos:pos + n]
         try:
@@ -195,21 +256,37 @@ class _Parser:
                             f"(size {self.size})", start)
         if itype in _SCALARS:
             dtype = _SCALARS[itype][1]
+            self.charge(_NDARRAY_COST + count * dtype.itemsize, where, start)
             pos = self.need(count * dtype.itemsize, where)
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=pos)
             if itype == GGUFValueType.BOOL:
                 return arr != 0
-            return arr.astype(dtype.newbyteorder("="), copy=True)
+            return arr.astype(_NATIVE_DTYPES[itype], copy=True)
+        # Each item of these becomes a Python object: bound their number before
+        # the loop, so that a huge declared count is refused at once.
         if itype == GGUFValueType.STRING:
+            if count > self.strings_left:
+                raise self.fail(f"{where}: {count} strings in arrays would exceed the "
+                                f"{MAX_ARRAY_STRINGS} a header may hold in all", start)
+            self.strings_left -= count
+            self.charge(_LIST_COST + count * (8 + _STR_COST), where, start)
             return self.string_array(count, where)
+        if count > self.nested_left:
+            raise self.fail(f"{where}: {count} arrays inside arrays would exceed the "
+                            f"{MAX_NESTED_ARRAYS} a header may hold in all", start)
+        self.nested_left -= count
+        self.charge(_LIST_COST + count * 8, where, start)
         return [self.array(f"{where}[{i}]", depth + 1) for i in range(count)]
 
     def string_array(self, count: int, where: str) -> list[str]:
         # The hot path of opening a file (262k token strings for Gemma 3): one
-        # tight loop with local names, bounds checks, and a per-item fallback
-        # only when a string is not valid UTF-8.
+        # tight loop with local names and bounds checks.
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
+        # The strings' bytes are metered as one sum (one addition per item);
+        # each is checked against what is left before it is copied.
+        text_left = self.memory_left // _STR_BYTE_COST
+        text = 0
         out = [""] * count
         for i in range(count):
             if pos + 8 > size:
@@ -222,11 +299,13 @@ class _Parser:
             if pos > size:
                 raise self.fail(f"{where}[{i}]: string length {n} runs past the end of the "
                                 f"file (size {size})", start - 8)
-            raw = buf[start:pos]
-            try:
-                out[i] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                out[i] = raw.decode("utf-8", "surrogateescape")
+            text += n
+            if text > text_left:
+                raise self.over_memory_cap(f"{where}[{i}]", start - 8)
+            # surrogateescape costs nothing on valid UTF-8 and keeps invalid
+            # bytes losslessly without a slow exception per string.
+            out[i] = buf[start:pos].decode("utf-8", "surrogateescape")
+        self.memory_left -= _STR_BYTE_COST * text
         self.pos = pos
         return out
 
@@ -282,15 +361,22 @@ class GGUFFile:
         self.version = version
         n_tensors = p.u64("tensor count")
         n_kv = p.u64("metadata key/value count")
-        # Smallest possible entries: a KV is key length + type + a 1-byte value
-        # (13 bytes), a tensor info is name length + n_dims + type + offset (24).
+        # Both counts must fit the bytes left (at their entries' smallest size)
+        # and stay under the absolute caps, before anything is sized by them.
         left = p.size - p.pos
-        if n_kv > left // 13:
+        if n_kv > left // _MIN_KV_BYTES:
             raise p.fail(f"absurd metadata key/value count {n_kv}: the {left} bytes left cannot "
                          f"hold them (file truncated or corrupt)", 16)
-        if n_tensors > left // 24:
+        if n_kv > MAX_KV:
+            raise p.fail(f"absurd metadata key/value count {n_kv}: more than the {MAX_KV} "
+                         f"this reader accepts", 16)
+        if n_tensors > left // _MIN_TENSOR_INFO_BYTES:
             raise p.fail(f"absurd tensor count {n_tensors}: the {left} bytes left cannot "
                          f"hold them (file truncated or corrupt)", 8)
+        if n_tensors > MAX_TENSORS:
+            raise p.fail(f"absurd tensor count {n_tensors}: more than the {MAX_TENSORS} "
+                         f"this reader accepts", 8)
+        p.charge(n_kv * _KV_COST + n_tensors * _TENSOR_INFO_COST, "metadata and tensor table", 8)
 
         self.metadata: dict = {}
         self.value_types: dict[str, int] = {}

