@@ -13,48 +13,10 @@ from collections import Counter
 
 import numpy as np
 
+from .arch import from_gguf as _hparams, rope_style
 from .gguf import GGUFFile
 
 __all__ = ["rope_style", "model_info", "format_info", "cli_info"]
-
-# llama.cpp's llama_model_rope_type(), by GGUF architecture name.  "normal"
-# rotates consecutive pairs (x[2i], x[2i+1]); "neox" pairs x[i] with x[i + n_rot/2].
-_ROPE_NONE = {
-    "clip", "gpt2", "gptj", "mpt", "refact", "bloom", "mamba", "mamba2", "jamba",
-    "jina-bert-v2", "t5", "t5encoder", "jais", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
-    "wavtokenizer-dec", "nemotron_h", "nemotron_h_moe", "kimi-linear",
-}
-_ROPE_NORMAL = {
-    "llama", "llada", "llama4", "deci", "baichuan", "starcoder", "internlm2", "minicpm",
-    "xverse", "command-r", "cohere2", "olmo", "arctic", "deepseek", "deepseek2",
-    "deepseek2-ocr", "plm", "chatglm", "granite", "granitemoe", "granitehybrid",
-    "chameleon", "bailingmoe", "neo-bert", "smollm3", "arcee", "ernie4_5", "ernie4_5-moe",
-    "mistral3", "mistral4", "llama-embed", "maincoder", "glm-dsa", "glm4",
-}
-_ROPE_NEOX = {
-    "falcon", "falcon-h1", "grok", "dbrx", "bert", "jina-bert-v3", "modern-bert",
-    "nomic-bert", "nomic-bert-moe", "eurobert", "stablelm", "bitnet", "qwen", "qwen2",
-    "dream", "qwen2moe", "qwen3", "qwen3moe", "llada-moe", "rnd1", "olmo2", "olmoe", "phi2",
-    "phi3", "phimoe", "plamo", "plamo2", "plamo3", "gemma", "gemma2", "gemma3", "gemma3n",
-    "gemma4", "gemma-embedding", "starcoder2", "openelm", "gptneox", "codeshell", "orion",
-    "nemotron", "exaone", "exaone4", "exaone-moe", "minicpm3", "bailingmoe2", "dots1",
-    "hunyuan-moe", "hunyuan-dense", "jais2", "gpt-oss", "lfm2", "lfm2moe", "smallthinker",
-    "seed_oss", "grovemoe", "apertus", "minimax-m2", "cogvlm", "pangu-embedded", "afmoe",
-    "qwen3next", "mimo2", "step35", "glm4moe",
-}
-_ROPE_MROPE = {"qwen2vl", "paddleocr"}
-_ROPE_IMROPE = {"qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe"}
-
-
-def rope_style(arch: str) -> str | None:
-    """'normal', 'neox', 'mrope', 'imrope' or 'none' as llama.cpp would use
-    for this architecture; None when the architecture is unknown."""
-    for style, archs in (("normal", _ROPE_NORMAL), ("neox", _ROPE_NEOX), ("none", _ROPE_NONE),
-                         ("mrope", _ROPE_MROPE), ("imrope", _ROPE_IMROPE)):
-        if arch in archs:
-            return style
-    return None
-
 
 _VOCAB_TYPES = {"llama": "SPM", "gpt2": "BPE", "bert": "WPM", "t5": "UGM", "rwkv": "RWKV",
                 "plamo2": "PLaMo2", "no_vocab": "none", "none": "none"}
@@ -145,6 +107,11 @@ def model_info(g: GGUFFile) -> dict:
                 break
 
     template = g.get("tokenizer.chat_template")
+    try:  # the checks the engine and planner apply (runtime.arch); info reports, never refuses
+        _hparams(g)
+        problem = None
+    except ValueError as e:
+        problem = str(e).removeprefix(f"{g.path}: ")
     return {
         "path": _plain(str(g.path)),
         "file_size": g.file_size,
@@ -183,6 +150,7 @@ def model_info(g: GGUFFile) -> dict:
         "special_tokens": special,
         "chat_template": isinstance(template, str) and bool(template),
         "chat_template_chars": len(template) if isinstance(template, str) else 0,
+        "hparams_problem": _plain(problem),
     }
 
 
@@ -262,6 +230,8 @@ def format_info(info: dict, width: int = 80) -> str:
     if flags:
         row("tokenizer", ", ".join(flags))
     row("chat template", f"yes ({info['chat_template_chars']} chars)" if info["chat_template"] else "no")
+    if info.get("hparams_problem"):
+        row("PROBLEM", info["hparams_problem"])
     return "\n".join(lines)
 
 

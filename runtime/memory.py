@@ -39,7 +39,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from . import arch as arch_mod
+from .arch import HParams
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -142,33 +145,9 @@ def pad_ctx(n_ctx: int) -> int:
 # Architecture numbers
 
 
-@dataclass
-class Arch:
-    """The numbers that decide memory use (from a GGUF header or config.json)."""
-
-    name: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    n_vocab: int
-    head_dim_v: int = 0          # 0: same as head_dim
-    tied: bool = False           # output head shares the token embedding
-    n_ctx_train: int = 0
-    qkv_bias: bool = False       # Qwen2: biases on q, k, v
-    qk_norm: bool = False        # Qwen3: RMSNorm on q and k per head
-    n_swa: int = 0               # sliding-window length (0: none)
-    swa_layers: tuple = ()       # per layer: True where the layer uses the window
-    n_kv_heads_per_layer: tuple = ()
-
-    def __post_init__(self):
-        if not self.head_dim_v:
-            self.head_dim_v = self.head_dim
-
-    def kv_heads(self, il: int) -> int:
-        return self.n_kv_heads_per_layer[il] if self.n_kv_heads_per_layer else self.n_kv_heads
+class Arch(HParams):
+    """The numbers that decide memory use: runtime.arch's description of a model
+    (from a GGUF header, a preset, or `--arch key=value`)."""
 
     def params(self) -> int:
         w = weights_from_arch(self, 16.0)
@@ -195,55 +174,11 @@ PRESETS = {
                          n_ctx_train=131072),
 }
 
-# Sliding-window layer patterns llama.cpp hard-codes (hparams.set_swa_pattern):
-# every n-th layer is global, the others use the window.
-_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
-
-
-def _int_or_list(v):
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)) or hasattr(v, "shape"):
-        return [int(x) for x in v]
-    return int(v)
-
-
 def arch_from_gguf(g) -> Arch:
-    """Read the architecture numbers from an open GGUFFile (header is enough)."""
-    n_layers = int(g.arch_get("block_count", 0) or 0)
-    d = int(g.arch_get("embedding_length", 0) or 0)
-    if not n_layers or not d:
-        raise ValueError(f"{g.path}: no {g.arch}.block_count / embedding_length in the header")
-    heads = _int_or_list(g.arch_get("attention.head_count")) or 1
-    n_heads = max(heads) if isinstance(heads, list) else heads
-    kv = _int_or_list(g.arch_get("attention.head_count_kv"))
-    kv = n_heads if kv is None else kv
-    per_layer = tuple(kv) if isinstance(kv, list) else ()
-    if per_layer and len(per_layer) != n_layers:
-        raise ValueError(f"{g.path}: {len(per_layer)} per-layer KV head counts for {n_layers} layers")
-    n_kv = max(per_layer) if per_layer else kv
-    hd = int(g.arch_get("attention.key_length", 0) or d // max(1, n_heads))
-    hdv = int(g.arch_get("attention.value_length", 0) or hd)
-    ffn = _int_or_list(g.arch_get("feed_forward_length")) or 0
-    ffn = max(ffn) if isinstance(ffn, list) else ffn
-    emb = g.tensors.get("token_embd.weight")
-    n_vocab = int(g.arch_get("vocab_size", 0) or 0)
-    if not n_vocab and emb is not None and len(emb.dims) > 1:
-        n_vocab = emb.dims[1]
-    if not n_vocab:
-        toks = g.get("tokenizer.ggml.tokens")
-        n_vocab = len(toks) if toks is not None else 0
-    n_swa = int(g.arch_get("attention.sliding_window", 0) or 0)
-    swa_layers: tuple = ()
-    if n_swa and g.arch in _SWA_PATTERN:
-        p = _SWA_PATTERN[g.arch]
-        swa_layers = tuple(il % p < p - 1 for il in range(n_layers))
-    return Arch(
-        name=str(g.get("general.name") or g.arch), n_layers=n_layers, d_model=d, n_heads=n_heads,
-        n_kv_heads=n_kv, head_dim=hd, head_dim_v=hdv, ffn_dim=ffn, n_vocab=n_vocab,
-        tied="output.weight" not in g.tensors, n_ctx_train=int(g.arch_get("context_length", 0) or 0),
-        n_swa=n_swa, swa_layers=swa_layers, n_kv_heads_per_layer=per_layer,
-    )
+    """The architecture numbers of an open GGUFFile (header is enough), validated by
+    runtime.arch (any architecture: planning does not need the engine to run it)."""
+    h = arch_mod.from_gguf(g)
+    return Arch(**{f.name: getattr(h, f.name) for f in fields(h)})
 
 
 _ARCH_KEYS = {
@@ -570,7 +505,7 @@ def plan(arch: Arch, weights: Weights, *, vram: int, n_ctx: int, kv_type: str = 
     comp = compute_bytes(arch, ctx, min(n_ubatch, ctx), flash_attn=flash_attn)
     res = {
         "model": arch.name,
-        "arch": {k: v for k, v in asdict(arch).items() if k not in ("swa_layers", "n_kv_heads_per_layer")},
+        "arch": {k: v for k, v in asdict(arch).items() if k not in ("swa_layers", "n_kv_heads_per_layer", "ffn_dim_per_layer", "family")},
         "n_params": weights.n_params,
         "vram": vram,
         "n_ctx": n_ctx,

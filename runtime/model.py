@@ -15,74 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-from . import ops, quant
+from . import arch, ops, quant
+from .arch import HParams
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 N_BATCH = 256  # tokens per prefill block: bounds scratch memory, keeps matmuls batched
 _EMPTY1 = np.zeros(0, np.float32)
 _EMPTY3 = np.zeros((0, 0, 0), np.float32)
 _EMPTY4 = np.zeros((0, 0, 0, 0), np.float32)
 
-
-@dataclass
-class ModelArgs:
-    arch: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int  # key/query head size
-    head_dim_v: int
-    ffn_dim: int
-    n_vocab: int
-    n_ctx_train: int
-    rope_base: float
-    rope_style: str  # "normal" (llama) | "neox" (qwen2/3)
-    rms_eps: float
-    n_rot: int
-    rope_freq_scale: float = 1.0
-    tied_output: bool = False
-    qk_norm: bool = False
-
-    @classmethod
-    def from_gguf(cls, g) -> "ModelArgs":
-        arch = g.arch
-        if arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
-
-        def need(key):
-            v = g.arch_get(key)
-            if v is None:
-                raise ValueError(f"{g.path}: missing metadata key {arch}.{key}")
-            return v
-
-        d = int(need("embedding_length"))
-        n_heads = int(need("attention.head_count"))
-        n_kv = int(g.arch_get("attention.head_count_kv", n_heads))
-        hd = int(g.arch_get("attention.key_length", d // n_heads))
-        hdv = int(g.arch_get("attention.value_length", hd))
-        if n_kv <= 0 or n_heads % n_kv:
-            raise ValueError(f"{g.path}: {n_heads} heads not divisible into {n_kv} KV heads")
-        scale = 1.0
-        if str(g.arch_get("rope.scaling.type", "none")) == "linear":
-            f = float(g.arch_get("rope.scaling.factor", 1.0) or 1.0)
-            scale = 1.0 / f
-        if "token_embd.weight" not in g.tensors:
-            raise ValueError(f"{g.path}: missing tensor 'token_embd.weight'")
-        return cls(
-            arch=arch, n_layers=int(need("block_count")), d_model=d, n_heads=n_heads, n_kv_heads=n_kv,
-            head_dim=hd, head_dim_v=hdv, ffn_dim=int(need("feed_forward_length")),
-            n_vocab=int(g.tensors["token_embd.weight"].shape[0]),
-            n_ctx_train=int(g.arch_get("context_length", 2048)),
-            rope_base=float(g.arch_get("rope.freq_base", 10000.0)),
-            rope_style="normal" if arch == "llama" else "neox",
-            rms_eps=float(g.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
-            n_rot=int(g.arch_get("rope.dimension_count", hd)), rope_freq_scale=scale,
-            tied_output="output.weight" not in g.tensors, qk_norm=arch == "qwen3")
+# The model's numbers are one arch.HParams (read and validated by arch.from_gguf).
+ModelArgs = HParams
 
 
 @dataclass
@@ -91,86 +38,42 @@ class Linear:
     type_id: int
 
 
-@dataclass
-class Layer:
-    attn_norm: np.ndarray
-    wq: Linear
-    wk: Linear
-    wv: Linear
-    wo: Linear
-    bq: np.ndarray  # biases / QK-norm weights: empty when the model has none
+# -- the structures the compiled forward pass takes ------------------------------
+# numba types named tuples field by field, so each is one argument that reads like
+# its name at the call site and compiles (and caches) like its arrays.
+
+class Weights(NamedTuple):
+    """Every layer's weights.  Matrices stay in the mapped file: mats[l, slot] =
+    (byte offset, rows, row bytes, ggml type); per-layer vectors are rows of 2-D
+    arrays (zero columns where the model has none)."""
+    blob: np.ndarray       # uint8 [file bytes], read-only memory map
+    mats: np.ndarray       # int64 [n_layers, 7, 4]
+    attn_norm: np.ndarray  # float32 [n_layers, d]
+    ffn_norm: np.ndarray   # float32 [n_layers, d]
+    bq: np.ndarray         # float32 [n_layers, n_heads * hd] (QKV biases, Qwen2)
     bk: np.ndarray
     bv: np.ndarray
-    q_norm: np.ndarray
+    q_norm: np.ndarray     # float32 [n_layers, hd] (per-head QK RMSNorm, Qwen3)
     k_norm: np.ndarray
-    ffn_norm: np.ndarray
-    w_gate: Linear
-    w_up: Linear
-    w_down: Linear
 
 
-@njit(cache=True)
-def _linear(x, w, type_id, rows, exact):
-    out = np.empty((x.shape[0], rows), np.float32)
-    if exact:
-        quant.matmul(type_id, w, x, out)
-    else:
-        quant.matmul_q8(type_id, w, x, out)
-    return out
+class Config(NamedTuple):
+    """The hyperparameters the kernels use."""
+    n_heads: int
+    n_kv_heads: int
+    eps: float             # RMSNorm epsilon
+    neox: bool             # RoPE pairs (i, i + n_rot/2) instead of (2i, 2i + 1)
+    attn_scale: float      # softmax(q.k * attn_scale)
 
 
-@njit(cache=True)
-def _linear3(t0, w0, t1, w1, t2, w2, x, out0, out1, out2, exact):
-    """Three projections of one x (w2 may have zero rows).  exact: float32
-    activations (quant.matmul); else rounded to integers once for all three, as
-    llama.cpp does (quant.matmul3_q8)."""
-    if exact:
-        quant.matmul(t0, w0, x, out0)
-        quant.matmul(t1, w1, x, out1)
-        if w2.shape[0] > 0:
-            quant.matmul(t2, w2, x, out2)
-    else:
-        quant.matmul3_q8(t0, w0, t1, w1, t2, w2, x, out0, out1, out2)
+class KVCache(NamedTuple):
+    """One sequence's keys and values: [n_layers, n_ctx, n_kv_heads, head dim]
+    (float32, or IEEE half held as uint16 bits)."""
+    k: np.ndarray
+    v: np.ndarray
 
 
-@njit(cache=True)
-def transformer_block(x, pos, n_past, attn_norm, wq, tq, wk, tk, wv, tv, wo, to, bq, bk, bv,
-                      q_norm, k_norm, ffn_norm, wg, tg, wu, tu, wd, td, k_cache, v_cache,
-                      n_heads, n_kv_heads, rope_cs, neox, eps, capture, exact):
-    """x[n, d] += attention(rms_norm(x)); x += ffn(rms_norm(x)), appending K/V to the cache.
-    exact: float32 activations into every matmul (attention inspection)."""
-    n, d = x.shape
-    hdk = k_cache.shape[2]
-    hdv = v_cache.shape[2]
-    h = np.empty_like(x)
-    ops.rms_norm(x, attn_norm, eps, h)
-    q = np.empty((n, n_heads * hdk), np.float32)
-    k = np.empty((n, n_kv_heads * hdk), np.float32)
-    v = np.empty((n, n_kv_heads * hdv), np.float32)
-    _linear3(tq, wq, tk, wk, tv, wv, h, q, k, v, exact)
-    if bq.shape[0] > 0:
-        ops.add_bias(q, bq)
-        ops.add_bias(k, bk)
-        ops.add_bias(v, bv)
-    if q_norm.shape[0] > 0:
-        ops.rms_norm_heads(q, n_heads, hdk, q_norm, eps)
-        ops.rms_norm_heads(k, n_kv_heads, hdk, k_norm, eps)
-    ops.rope_rotate(q, n_heads, hdk, rope_cs, neox)
-    ops.rope_rotate(k, n_kv_heads, hdk, rope_cs, neox)
-    ops.kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, hdk, hdv)
-    att = np.empty((n, n_heads * hdv), np.float32)
-    ops.attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads,
-                  np.float32(1.0 / np.sqrt(hdk)), att, capture, not exact)
-    ops.add(x, _linear(att, wo, to, d, exact))
-    ops.rms_norm(x, ffn_norm, eps, h)
-    gate = np.empty((n, wg.shape[0]), np.float32)
-    up = np.empty((n, wu.shape[0]), np.float32)
-    _linear3(tg, wg, tu, wu, tu, wu[:0], h, gate, up, up[:0], exact)
-    ops.swiglu(gate, up, gate)
-    ops.add(x, _linear(gate, wd, td, d, exact))
-
-
-# Matrix slots of one layer in Model.mats[layer, slot] = (byte offset, rows, row bytes, type).
+# Matrix slots of one layer in Weights.mats[layer, slot].
 WQ, WK, WV, WO, WG, WU, WD = range(7)
 
 
@@ -181,35 +84,101 @@ def _mat(blob, m):
 
 
 @njit(cache=True)
-def forward_layers(x, pos, n_past, blob, mats, attn_norm, ffn_norm, bq, bk, bv, q_norm, k_norm,
-                   k_cache, v_cache, n_heads, n_kv_heads, inv_freq, neox, eps, capture, cap_index):
-    """Every transformer block over x[n, d] in one compiled call (no Python per layer).
+def _linear(x, w, m, exact):
+    """x @ W^T for the matrix at m (float32 [n, rows]).  exact: float32 activations
+    (quant.matmul); else rounded to integers as llama.cpp does (quant.matmul_q8)."""
+    out = np.empty((x.shape[0], m[1]), np.float32)
+    if exact:
+        quant.matmul(m[3], _mat(w.blob, m), x, out)
+    else:
+        quant.matmul_q8(m[3], _mat(w.blob, m), x, out)
+    return out
 
-    blob: the whole GGUF file (read-only uint8 memory map); mats[l, slot]: where
-    each weight matrix lies in it.  Per-layer vectors are rows of 2-D arrays (zero
-    columns when the model has none).  capture[cap_index[l]] receives layer l's
-    attention weights when cap_index[l] >= 0; then every layer runs with float32
-    activations (exact), so that the maps are the reference math's to float32.
-    """
+
+@njit(cache=True)
+def _linear3(w, m0, m1, m2, x, exact, use2=True):
+    """Three projections of one x, its activations rounded once for all three
+    (quant.matmul3_q8); with use2 False only the first two."""
+    n = x.shape[0]
+    out0 = np.empty((n, m0[1]), np.float32)
+    out1 = np.empty((n, m1[1]), np.float32)
+    out2 = np.empty((n, m2[1] if use2 else 0), np.float32)
+    w0, w1 = _mat(w.blob, m0), _mat(w.blob, m1)
+    w2 = _mat(w.blob, m2) if use2 else w1[:0]
+    if exact:
+        quant.matmul(m0[3], w0, x, out0)
+        quant.matmul(m1[3], w1, x, out1)
+        if use2:
+            quant.matmul(m2[3], w2, x, out2)
+    else:
+        quant.matmul3_q8(m0[3], w0, m1[3], w1, m2[3] if use2 else m1[3], w2, x, out0, out1, out2)
+    return out0, out1, out2
+
+
+@njit(cache=True)
+def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
+    """softmax(q k^T * scale) v over the cache, q, k, v from rms_norm(x); appends this
+    step's k, v at n_past.  Returns the output projection, float32 [n, d]."""
+    n, d = x.shape
+    m = w.mats[l]
+    hd, hdv = kv.k.shape[3], kv.v.shape[3]
+    h = np.empty_like(x)
+    ops.rms_norm(x, w.attn_norm[l], cfg.eps, h)
+    q, k, v = _linear3(w, m[WQ], m[WK], m[WV], h, exact)
+    if w.bq.shape[1] > 0:
+        ops.add_bias(q, w.bq[l])
+        ops.add_bias(k, w.bk[l])
+        ops.add_bias(v, w.bv[l])
+    if w.q_norm.shape[1] > 0:
+        ops.rms_norm_heads(q, cfg.n_heads, hd, w.q_norm[l], cfg.eps)
+        ops.rms_norm_heads(k, cfg.n_kv_heads, hd, w.k_norm[l], cfg.eps)
+    ops.rope_rotate(q, cfg.n_heads, hd, rope_cs, cfg.neox)
+    ops.rope_rotate(k, cfg.n_kv_heads, hd, rope_cs, cfg.neox)
+    ops.kv_write(k, v, kv.k[l], kv.v[l], n_past, cfg.n_kv_heads, hd, hdv)
+    att = np.empty((n, cfg.n_heads * hdv), np.float32)
+    ops.attention(q, kv.k[l], kv.v[l], n_past, cfg.n_heads, cfg.n_kv_heads,
+                  np.float32(cfg.attn_scale), att, capture, not exact)
+    return _linear(att, w, m[WO], exact)
+
+
+@njit(cache=True)
+def ffn_block(x, w, l, cfg, exact):
+    """W_down (silu(W_gate h) * W_up h), h = rms_norm(x) (SwiGLU).  float32 [n, d]."""
+    m = w.mats[l]
+    h = np.empty_like(x)
+    ops.rms_norm(x, w.ffn_norm[l], cfg.eps, h)
+    gate, up, _ = _linear3(w, m[WG], m[WU], m[WU], h, exact, False)
+    ops.swiglu(gate, up, gate)
+    return _linear(gate, w, m[WD], exact)
+
+
+@njit(cache=True)
+def transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
+    """Pre-norm residual block l over x[n, d] (in place)."""
+    ops.add(x, attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact))
+    ops.add(x, ffn_block(x, w, l, cfg, exact))
+
+
+@njit(cache=True)
+def forward_layers(x, pos, n_past, w, cfg, kv, inv_freq, capture, cap_index):
+    """Every transformer block over x[n, d] at positions pos, in one compiled call
+    (no Python per layer).
+
+    capture[cap_index[l]] receives layer l's attention weights when cap_index[l] >= 0;
+    then every layer runs with float32 activations (exact), so that the maps are the
+    reference math's to float32."""
     empty3 = np.zeros((0, 0, 0), np.float32)
     exact = capture.shape[0] > 0
     rope_cs = ops.rope_table(pos, inv_freq)  # the same angles in every layer
-    for l in range(mats.shape[0]):
-        m = mats[l]
+    for l in range(w.mats.shape[0]):
         ci = cap_index[l]
-        cap = capture[ci] if ci >= 0 else empty3
-        transformer_block(
-            x, pos, n_past, attn_norm[l],
-            _mat(blob, m[WQ]), m[WQ, 3], _mat(blob, m[WK]), m[WK, 3], _mat(blob, m[WV]), m[WV, 3],
-            _mat(blob, m[WO]), m[WO, 3], bq[l], bk[l], bv[l], q_norm[l], k_norm[l], ffn_norm[l],
-            _mat(blob, m[WG]), m[WG, 3], _mat(blob, m[WU]), m[WU, 3], _mat(blob, m[WD]), m[WD, 3],
-            k_cache[l], v_cache[l], n_heads, n_kv_heads, rope_cs, neox, eps, cap, exact)
+        transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture[ci] if ci >= 0 else empty3, exact)
 
 
 class Model:
     """A GGUF model ready to evaluate: weights mapped, config parsed, kernels shared."""
 
-    def __init__(self, gguf, args: ModelArgs, n_ctx: int, kv_type: str):
+    def __init__(self, gguf, args: HParams, n_ctx: int, kv_type: str):
         self.gguf = gguf
         self.args = args
         self.n_ctx = n_ctx
@@ -240,50 +209,47 @@ class Model:
             v = np.ascontiguousarray(gguf.dequantize(name).reshape(-1), dtype=np.float32)
             if v.shape[0] != size:
                 raise ValueError(f"{gguf.path}: tensor {name!r} has {v.shape[0]} values, expected {size}")
+            if not np.isfinite(v).all():
+                raise ValueError(f"{gguf.path}: tensor {name!r} holds NaN or infinite values")
             return v
 
         d, hq, hkv = a.d_model, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         hv = a.n_kv_heads * a.head_dim_v
-        self.layers = []
+        bias = a.qkv_bias
+        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        mats = np.zeros((a.n_layers, 7, 4), np.int64)
+        rows: dict[str, list] = {k: [] for k in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm")}
         for i in range(a.n_layers):
             p = f"blk.{i}."
-            has_bias = (p + "attn_q.bias") in t
-            self.layers.append(Layer(
-                attn_norm=vec(p + "attn_norm.weight", d),
-                wq=linear(p + "attn_q.weight", hq, d), wk=linear(p + "attn_k.weight", hkv, d),
-                wv=linear(p + "attn_v.weight", hv, d), wo=linear(p + "attn_output.weight", d, a.n_heads * a.head_dim_v),
-                bq=vec(p + "attn_q.bias", hq, a.arch == "qwen2" or has_bias),
-                bk=vec(p + "attn_k.bias", hkv, a.arch == "qwen2" or has_bias),
-                bv=vec(p + "attn_v.bias", hv, a.arch == "qwen2" or has_bias),
-                q_norm=vec(p + "attn_q_norm.weight", a.head_dim, a.qk_norm) if a.qk_norm else _EMPTY1,
-                k_norm=vec(p + "attn_k_norm.weight", a.head_dim, a.qk_norm) if a.qk_norm else _EMPTY1,
-                ffn_norm=vec(p + "ffn_norm.weight", d),
-                w_gate=linear(p + "ffn_gate.weight", a.ffn_dim, d), w_up=linear(p + "ffn_up.weight", a.ffn_dim, d),
-                w_down=linear(p + "ffn_down.weight", d, a.ffn_dim)))
-        self._pack(t)
+            ffn = a.ffn(i)
+            shapes = ((hq, d), (hkv, d), (hv, d), (d, a.n_heads * a.head_dim_v), (ffn, d), (ffn, d), (d, ffn))
+            for j, (nm, (r, c)) in enumerate(zip(names, shapes)):
+                lin = linear(p + nm + ".weight", r, c)
+                mats[i, j] = (t[p + nm + ".weight"].offset, lin.w.shape[0], lin.w.shape[1], lin.type_id)
+            rows["attn_norm"].append(vec(p + "attn_norm.weight", d))
+            rows["ffn_norm"].append(vec(p + "ffn_norm.weight", d))
+            for b, size in (("bq", hq), ("bk", hkv), ("bv", hv)):
+                rows[b].append(vec(p + f"attn_{b[1]}.bias", size, bias) if bias else _EMPTY1)
+            for qk in ("q_norm", "k_norm"):
+                rows[qk].append(vec(p + f"attn_{qk}.weight", a.head_dim) if a.qk_norm else _EMPTY1)
+
+        def stack(vs):
+            return np.ascontiguousarray(np.stack(vs), np.float32)
+
+        self.weights = Weights(blob=gguf.blob(), mats=mats, **{k: stack(v) for k, v in rows.items()})
+        self.config = Config(n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, eps=float(a.rms_eps),
+                             neox=a.rope_style == "neox", attn_scale=1.0 / float(np.sqrt(a.head_dim)))
         self.embed = linear("token_embd.weight", a.n_vocab, d)
         self.output_norm = vec("output_norm.weight", d)
-        self.output = self.embed if a.tied_output else linear("output.weight", a.n_vocab, d)
+        self.output = self.embed if a.tied else linear("output.weight", a.n_vocab, d)
         self.inv_freq = ops.rope_inv_freq(a.n_rot, a.rope_base, a.rope_freq_scale)
-        self.neox = a.rope_style == "neox"
-
-    def _pack(self, t) -> None:
-        """The layers as forward_layers takes them: matrix locations in the file, and
-        the small per-layer vectors stacked (one compiled call then runs all layers)."""
-        g = self.gguf
-        self.blob = g.blob()
-        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-        self.mats = np.zeros((len(self.layers), 7, 4), np.int64)
-        for i, L in enumerate(self.layers):
-            for j, (nm, lin) in enumerate(zip(names, (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))):
-                info = t[f"blk.{i}.{nm}.weight"]
-                self.mats[i, j] = (info.offset, lin.w.shape[0], lin.w.shape[1], lin.type_id)
-
-        def stack(field):
-            return np.ascontiguousarray(np.stack([getattr(L, field) for L in self.layers]), np.float32)
-
-        for f in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm"):
-            setattr(self, "_" + f, stack(f))
+        if "rope_freqs.weight" in t:
+            # llama3-style RoPE scaling: a factor per rotated pair divides its frequency
+            # (llama.cpp's freq_factors: theta_i = pos * base^(-2i/n_rot) / f_i).
+            f = vec("rope_freqs.weight", a.n_rot // 2).astype(np.float64)
+            if (f <= 0).any():
+                raise ValueError(f"{gguf.path}: rope_freqs.weight holds a factor <= 0")
+            self.inv_freq = self.inv_freq / f
 
     @classmethod
     def load(cls, path_or_name, n_ctx: int | None = None, kv_type: str = "f16",
@@ -298,7 +264,7 @@ class Model:
         if not path.exists():
             path = resolve_model(str(path_or_name))
         g = GGUFFile(path)
-        args = ModelArgs.from_gguf(g)
+        args = arch.from_gguf(g, for_engine=True)
         if n_ctx is None or n_ctx <= 0:
             n_ctx = min(args.n_ctx_train, 4096)
         n_ctx = int(n_ctx)
@@ -370,7 +336,7 @@ class Model:
     def project_out(self, h: np.ndarray) -> np.ndarray:
         """Final RMSNorm then the output matrix: logits float32 [n, n_vocab]."""
         hn = np.empty_like(h)
-        ops.rms_norm(h, self.output_norm, self.args.rms_eps, hn)
+        ops.rms_norm(h, self.output_norm, self.config.eps, hn)
         out = np.empty((h.shape[0], self.n_vocab), np.float32)
         quant.matmul_q8(self.output.type_id, self.output.w, hn, out)
         return out
@@ -384,8 +350,8 @@ class Session:
         self.model = model
         self.n_ctx = n_ctx
         dt = np.uint16 if model.kv_type == "f16" else np.float32  # f16 held as its bits
-        self.k_cache = np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim), dt)
-        self.v_cache = np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim_v), dt)
+        self.kv = KVCache(k=np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim), dt),
+                          v=np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim_v), dt))
         self.n_past = 0
         self._tokens: list[int] = []
         self._last_h = None  # final hidden state of the last evaluated position
@@ -427,9 +393,7 @@ class Session:
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            forward_layers(x, pos, self.n_past, m.blob, m.mats, m._attn_norm, m._ffn_norm, m._bq, m._bk,
-                           m._bv, m._q_norm, m._k_norm, self.k_cache, self.v_cache, a.n_heads,
-                           a.n_kv_heads, m.inv_freq, m.neox, a.rms_eps, cap_all, cap_index)
+            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index)
             self.n_past += x.shape[0]
             self._last_h = x[-1:].copy()
             if all_logits:

@@ -161,6 +161,9 @@ def rope_rotate(x, n_heads, head_dim, cs, neox):
     """
     n = x.shape[0]
     half = cs.shape[2]
+    # The rotary width comes from the file: never index past a head or the row.
+    if 2 * half > head_dim or n_heads * head_dim > x.shape[1] or cs.shape[1] < n:
+        raise ValueError("rope: rotary width or head layout does not fit the activations")
     for t in range(n):
         for i in range(half):
             c = cs[0, t, i]

@@ -1261,8 +1261,11 @@ def _legacy_dot_intrinsic(kind):
     horizontal sum per row, not per block.  Q4_0's -8 offset and Q4_1's minimum
     use the blocks' activation sums (in int32 / float32); Q8_0's signed weights meet the vpdpbusd's
     unsigned operand as |w| against sign(w) * x (|x| <= 127, so no overflow)."""
-    bsz = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[kind]
-    qoff = 4 if kind == "q4_1" else 2
+    bsz = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}[kind]
+    qoff = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q8_0": 2}[kind]
+    qhoff = {"q5_0": 2, "q5_1": 4}.get(kind)  # the u32 of 5th bits
+    offset = {"q4_0": 8, "q5_0": 16}.get(kind)  # w = d * (q - offset)
+    has_min = kind in ("q4_1", "q5_1")          # w = d * q + m
 
     @intrinsic
     def ldot(typingctx, w, xq, xd, xs16, nb):
@@ -1295,21 +1298,24 @@ def _legacy_dot_intrinsic(kind):
                     x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
                 else:
                     u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1))
+                if qhoff is not None:  # Q5: bit j of qh is bit 4 of weight j (q <= 31 fits a u8)
+                    hi = builder.trunc(_ir_bits32(builder, wp, o, qhoff), v32)
+                    u = builder.or_(u, builder.shl(hi, llir.Constant(v32, [4] * 32)))
                 v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
                 if kind != "q8_0":
                     s0 = builder.load(builder.gep(xsp, [builder.mul(i, c(2))]))
                     s1 = builder.load(builder.gep(xsp, [builder.add(builder.mul(i, c(2)), c(1))]))
                     xs32 = builder.add(s0, s1)
-                if kind == "q4_0":  # sum((q - 8) * x) = sum(q * x) - 8 * sum(x), in lane 0
+                if offset is not None:  # sum((q - c) * x) = sum(q * x) - c * sum(x), in lane 0
                     v = builder.sub(v, builder.insert_element(
-                        llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, 8)),
+                        llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, offset)),
                         llir.Constant(i32, 0)))
                 d = _ir_f16(builder, wp, o)
                 xdi = builder.load(builder.gep(xdp, [i]))
                 dx = builder.fmul(d, xdi)
                 builder.store(builder.fadd(builder.load(vacc), builder.fmul(builder.sitofp(v, v8f),
                                                                             _ir_splat(builder, dx, 8))), vacc)
-                if kind == "q4_1":  # the minimum against the rounded x's sum, as the k-quants do
+                if has_min:  # the minimum against the rounded x's sum, as the k-quants do
                     corr = builder.fmul(builder.fmul(_ir_f16(builder, wp, builder.add(o, c(2))), xdi),
                                         builder.sitofp(xs32, f32))
                     builder.store(builder.fadd(builder.load(sacc), corr), sacc)
@@ -1324,6 +1330,8 @@ def _legacy_dot_intrinsic(kind):
 
 _qdot_q4_0 = _legacy_dot_intrinsic("q4_0")
 _qdot_q4_1 = _legacy_dot_intrinsic("q4_1")
+_qdot_q5_0 = _legacy_dot_intrinsic("q5_0")
+_qdot_q5_1 = _legacy_dot_intrinsic("q5_1")
 _qdot_q8_0 = _legacy_dot_intrinsic("q8_0")
 _qdot_q4_k = _kdot_intrinsic(_q4_k_block)
 _qdot_q6_k = _kdot_intrinsic(_q6_k_block)
@@ -1331,8 +1339,9 @@ _qdot_q6_k = _kdot_intrinsic(_q6_k_block)
 
 @njit(cache=True)
 def _has_q8_dot(type_id):
-    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
-            or type_id == GGML_Q4_K or type_id == GGML_Q6_K)
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
+            or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
+            or type_id == GGML_Q6_K)
 
 
 @njit(cache=True, inline="always")
@@ -1347,6 +1356,10 @@ def _row_dot_q8(type_id, w, a32, ak, nb):
         return _qdot_q4_0(w, xq, xd, xs16, nb)
     if type_id == GGML_Q8_0:
         return _qdot_q8_0(w, xq, xd, xs16, nb)
+    if type_id == GGML_Q5_0:
+        return _qdot_q5_0(w, xq, xd, xs16, nb)
+    if type_id == GGML_Q5_1:
+        return _qdot_q5_1(w, xq, xd, xs16, nb)
     return _qdot_q4_1(w, xq, xd, xs16, nb)
 
 
@@ -1484,7 +1497,7 @@ def matmul(type_id, W, X, out):
 @njit(cache=True)
 def matmul_q8(type_id, W, X, out):
     """matmul, but one-row products (decode) use 8-bit activations where the format
-    has an integer kernel (Q4_0, Q4_1, Q4_K, Q6_K), as llama.cpp does."""
+    has an integer kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K), as llama.cpp does."""
     if X.shape[0] <= FUSED_MAX_N:
         _matmul_fused(type_id, W, X, out, True)
     elif _has_i16(type_id) and X.shape[0] >= I16_MIN_N:

@@ -61,10 +61,13 @@ def _rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def _rope(x, pos, n_rot, base, freq_scale, neox):
-    """x [n, heads, hd]: rotate the first n_rot dims by pos * freq_scale * base^(-2i/n_rot)."""
+def _rope(x, pos, n_rot, base, freq_scale, neox, factors=None):
+    """x [n, heads, hd]: rotate the first n_rot dims by pos * freq_scale * base^(-2i/n_rot),
+    divided by factors[i] where the file has rope_freqs.weight (llama3-style scaling)."""
     half = n_rot // 2
     theta = (pos[:, None] * freq_scale) * base ** (-2.0 * np.arange(half) / n_rot)  # [n, half]
+    if factors is not None:
+        theta = theta / factors[None, :]
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     out = x.copy()
     if neox:
@@ -97,8 +100,9 @@ def _forward(path, ids):
         if p + "attn_q_norm.weight" in W:  # qwen3: per-head RMSNorm before RoPE
             q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
             k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
-        q = _rope(q, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox)
-        k = _rope(k, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox)
+        ff = W.get("rope_freqs.weight")
+        q = _rope(q, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox, ff)
+        k = _rope(k, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox, ff)
         group = H // KV  # query head j uses KV head j // group
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)

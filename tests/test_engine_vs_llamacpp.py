@@ -76,13 +76,28 @@ def test_synthetic(llama_cpp, ftype, arch, gqa, tied, report):
     _check(llama_cpp, path, ids, ftype, report, f"{ftype}-{arch}-gqa{gqa}" + ("-tied" if tied else ""))
 
 
+@pytest.mark.parametrize("ftype", ["F32", "Q4_K_M"])
+def test_llama3_rope_freqs(llama_cpp, ftype, report):
+    """rope_freqs.weight (llama3-style per-pair frequency factors, as real Llama-3.x
+    GGUFs carry) divides each pair's angle; 256 positions make the slow pairs turn."""
+    path = synthetic_model("llama", 3, False, ftype, rope_freqs=8.0)
+    ids = wikitext_ids(n=256, vocab=512)
+    _check(llama_cpp, path, ids, ftype, report, f"rope_freqs-{ftype}")
+    # and the factors matter: the engine without them is measurably off
+    m = Model.load(path, n_ctx=256)
+    with_f = m.logits(ids)
+    m.inv_freq = m.inv_freq * np.geomspace(1.0, 8.0, m.inv_freq.shape[0])
+    kl_without, _ = kl_stats(with_f, m.logits(ids))
+    assert kl_without > 1e-3, kl_without
+
+
 DECODE = [("smollm2-Q4_1", None, None), ("Q4_K_M", "llama", 3), ("Q6_K", "qwen3", 1),
-          ("Q4_0", "qwen2", 8), ("Q8_0", "llama", 1)]
+          ("Q4_0", "qwen2", 8), ("Q8_0", "llama", 1), ("Q5_0", "qwen2", 1), ("Q5_1", "llama", 3)]
 
 
 @pytest.mark.parametrize("label,arch,gqa", DECODE, ids=[d[0] for d in DECODE])
 def test_decode_path(llama_cpp, smollm2_path, wiki_ids, label, arch, gqa, report):
-    """Token-by-token decode (8-bit activations in the Q4_0/Q4_1/Q4_K/Q6_K matvecs)
+    """Token-by-token decode (8-bit activations in the Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K matvecs)
     meets the same bar against llama.cpp as batched evaluation."""
     if arch is None:
         path, ids = smollm2_path, wiki_ids[:96]

@@ -35,3 +35,26 @@ def test_source_edit_changes_numba_cache_dir(tmp_path):
     second = _cache_dir(tmp_path)
     assert second != first
     assert not Path(first).exists()  # the stale cache is removed
+
+
+def test_forward_pass_loads_from_the_cache(tmp_path):
+    """The engine's compiled entry (named tuples of weights, config and cache) is
+    found in numba's on-disk cache by a second process: no recompilation per start."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_synthetic import default_spec, write_synthetic
+
+    path = write_synthetic(tmp_path / "m.gguf", default_spec("qwen3"))
+    code = (
+        "import runtime, sys\n"
+        "from runtime import model\n"
+        f"m = runtime.Model.load({str(path)!r}, n_ctx=32)\n"
+        "s = m.session(); s.eval([1, 2, 3, 4]); s.eval([5]); s.logits()\n"
+        "st = model.forward_layers.stats\n"
+        "print(len(st.cache_hits), len(st.cache_misses))\n")
+    env = {k: v for k, v in os.environ.items()}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                           env=env, cwd=ROOT) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    hits, misses = map(int, runs[1].stdout.split())
+    assert hits >= 1 and misses == 0, runs[1].stdout

@@ -54,7 +54,7 @@ def main():
         s.eval([int(np.argmax(s.logits()))])
     tg_ours = a.n_gen / (time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    kv = s.k_cache.nbytes + s.v_cache.nbytes
+    kv = s.kv.k.nbytes + s.kv.v.nbytes
     fsize = os.path.getsize(m.gguf.path)
     bound = 2 * fsize + kv
 

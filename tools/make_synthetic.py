@@ -43,6 +43,7 @@ class SynthSpec:
     rope_scale: float | None = None   # linear rope scaling factor
     rms_eps: float = 1e-6
     seed: int = 0
+    rope_freqs: float | None = None   # llama3-style rope_freqs.weight: factors 1 .. this over the pairs
 
     @property
     def n_kv_heads(self) -> int:
@@ -103,18 +104,23 @@ def _vocab(n: int) -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
-def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw) -> Path:
+def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), metadata: dict | None = None,
+                    any_rows: bool = False, dtype=np.float32, **kw) -> Path:
     """Write an F32 synthetic GGUF to `path` (spec or keyword fields of SynthSpec).
 
-    `drop` leaves the named tensors out, and any `arch` string is written as given
-    (llama-shaped tensors): both make broken files for the loader's error tests."""
+    `drop` leaves the named tensors out, `metadata` {key: value or (value, GGUFValueType)}
+    replaces or adds header values (a "{arch}." prefix is added to keys starting with
+    "."), and any `arch` string is written as given (llama-shaped tensors): they make
+    broken and hostile files for the loader's error tests.  any_rows allows row lengths
+    that are not multiples of 256 (real shapes such as Qwen2.5-0.5B's d = 896); dtype
+    float16 halves the file of a large model."""
     import gguf
 
     spec = replace(spec, **kw) if spec else SynthSpec(**kw)
     rng = np.random.default_rng(spec.seed)
     d, H, KV, hd, ffn, V = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.hd, spec.ffn, spec.vocab
     for name, n in (("d_model", d), ("n_heads*head_dim", H * hd), ("ffn", ffn)):
-        if n % 256:
+        if n % 256 and not any_rows:
             raise ValueError(f"{name}={n} is not a multiple of 256")
 
     w = gguf.GGUFWriter(str(path), spec.arch)
@@ -134,7 +140,7 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw)
     if spec.rope_scale:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_scale)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
     tokens, merges, types = _vocab(V)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -144,9 +150,18 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw)
     w.add_bos_token_id(256)
     w.add_eos_token_id(256)
     w.add_add_bos_token(False)
+    for key, value in (metadata or {}).items():
+        key = spec.arch + key if key.startswith(".") else key
+        value, vtype = value if isinstance(value, tuple) else (value, None)
+        if vtype is None:
+            vtype = gguf.GGUFValueType.get_type(value)
+        sub = gguf.GGUFValueType.get_type(value[0]) if vtype == gguf.GGUFValueType.ARRAY and value else None
+        for kv in w.kv_data:
+            kv.pop(key, None)
+        w.add_key_value(key, value, vtype, sub_type=sub)
 
     def mat(rows, cols, gain=1.0):
-        return (rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(np.float32)
+        return (rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(dtype)
 
     def norm(n):  # near-1 gains, not exactly 1 so that a missing multiply shows
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -183,6 +198,9 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), **kw)
         w.add_tensor(p + "ffn_up.weight", mat(ffn, d))
         w.add_tensor(p + "ffn_down.weight", mat(d, ffn))
     w.add_tensor("output_norm.weight", norm(d))
+    if spec.rope_freqs:
+        # llama3's shape: high-frequency pairs untouched, low-frequency ones slowed down
+        w.add_tensor("rope_freqs.weight", np.geomspace(1.0, spec.rope_freqs, hd // 2).astype(np.float32))
     if not spec.tied:
         w.add_tensor("output.weight", mat(V, d, 4.0))
     w.write_header_to_file()
