@@ -310,6 +310,17 @@ def _ir_bits32(builder, sp, o, off):
                         _vc(_I32, 32, 1))
 
 
+def _ir_bit_bytes(builder, sp, o, off, value):
+    """<32 x i8>: `value` in lane j where bit j of the little-endian u32 at sp + o + off
+    is set, else 0.  Byte j // 8 goes to lane j (a byte shuffle), then one mask, one
+    compare and one select: the byte-wide form of _ir_bits32, 4x fewer lanes' work."""
+    b4 = _ir_bytes(builder, sp, o, off, 4)
+    spread = builder.shuffle_vector(b4, b4, _vc(_I32, 32, [j // 8 for j in range(32)]))
+    bit = builder.and_(spread, _vc(_I8, 32, [1 << (j % 8) for j in range(32)]))
+    on = builder.icmp_unsigned("!=", bit, _vc(_I8, 32, 0))
+    return builder.select(on, _vc(_I8, 32, value), _vc(_I8, 32, 0))
+
+
 def _q4_0_body(builder, sp, o, dp, out):
     q = builder.sub(builder.zext(_ir_nibbles(builder, _ir_bytes(builder, sp, o, 2, 16)),
                                  llir.VectorType(_I32, 32)), _vc(_I32, 32, 8))
@@ -1142,11 +1153,18 @@ def _target_has(feature):
 
 
 _VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw") and _target_has("avx512vl")
+# Without VNNI, x86's u8 x s8 multiply-add pairs (vpmaddubsw, then vpmaddwd by ones)
+# give the same sums in two instructions per 32 bytes; plain IR widens to int32
+# first (four vpmulld and shuffles), about 3x the work.  vpmaddubsw saturates its
+# int16 pair sums, which no caller reaches: |u| <= 128 (Q8_0's |w|), |x| <= 127,
+# 2 * 128 * 127 = 32512 < 32767.
+_MADDUBS = _target_has("avx2")
 
 
 def _ir_dot4(builder, acc, u8, s8):
     """acc (<n/4 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<n x i8>
-    each, n = 32 or 64): vpdpbusd where the CPU has it, else the same sums in plain IR."""
+    each, n = 32 or 64; u8 <= 128): vpdpbusd where the CPU has it, vpmaddubsw +
+    vpmaddwd on AVX2, else the same sums in plain IR."""
     n = u8.type.count
     i32 = llir.IntType(32)
     vq = llir.VectorType(i32, n // 4)
@@ -1154,6 +1172,24 @@ def _ir_dot4(builder, acc, u8, s8):
         fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(vq, [vq, vq, vq]),
                                             f"llvm.x86.avx512.vpdpbusd.{8 * n}")
         return builder.call(fn, [acc, builder.bitcast(u8, vq), builder.bitcast(s8, vq)])
+    if _MADDUBS:
+        v32 = llir.VectorType(llir.IntType(8), 32)
+        v16s = llir.VectorType(llir.IntType(16), 16)
+        v8 = llir.VectorType(i32, 8)
+        maddubs = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v16s, [v32, v32]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v8, [v16s, v16s]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        ones = llir.Constant(v16s, [1] * 16)
+        parts = []
+        for h in range(n // 32):
+            half = llir.Constant(llir.VectorType(i32, 32), list(range(32 * h, 32 * h + 32)))
+            uh = u8 if n == 32 else builder.shuffle_vector(u8, u8, half)
+            sh = s8 if n == 32 else builder.shuffle_vector(s8, s8, half)
+            parts.append(builder.call(maddwd, [builder.call(maddubs, [uh, sh]), ones]))
+        out = parts[0] if n == 32 else builder.shuffle_vector(parts[0], parts[1],
+                                                              llir.Constant(llir.VectorType(i32, 16), list(range(16))))
+        return builder.add(acc, out)
     vn = llir.VectorType(i32, n)
     prod = builder.mul(builder.zext(u8, vn), builder.sext(s8, vn))
     parts = [builder.shuffle_vector(prod, prod, llir.Constant(vq, list(range(j, n, 4)))) for j in range(4)]
@@ -1299,8 +1335,7 @@ def _legacy_dot_intrinsic(kind):
                 else:
                     u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1))
                 if qhoff is not None:  # Q5: bit j of qh is bit 4 of weight j (q <= 31 fits a u8)
-                    hi = builder.trunc(_ir_bits32(builder, wp, o, qhoff), v32)
-                    u = builder.or_(u, builder.shl(hi, llir.Constant(v32, [4] * 32)))
+                    u = builder.or_(u, _ir_bit_bytes(builder, wp, o, qhoff, 16))
                 v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
                 if kind != "q8_0":
                     s0 = builder.load(builder.gep(xsp, [builder.mul(i, c(2))]))

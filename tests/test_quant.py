@@ -276,14 +276,16 @@ def test_matmul_q8_prefill_path(tid):
 
 
 Q8_KERNELS = {quant.GGML_Q4_0: quant._qdot_q4_0, quant.GGML_Q4_1: quant._qdot_q4_1,
+              quant.GGML_Q5_0: quant._qdot_q5_0, quant.GGML_Q5_1: quant._qdot_q5_1,
               quant.GGML_Q8_0: quant._qdot_q8_0, quant.GGML_Q4_K: quant._qdot_q4_k,
               quant.GGML_Q6_K: quant._qdot_q6_k}
 
 
 @pytest.mark.parametrize("tid", sorted(Q8_KERNELS), ids=NAMES.get)
 def test_q8_dot_without_vnni(tid, monkeypatch):
-    """The whole-row int8 dots use vpdpbusd on AVX-512 VNNI CPUs; the plain IR they
-    fall back to elsewhere must give the same integers (same result bits)."""
+    """The whole-row int8 dots use vpdpbusd on AVX-512 VNNI CPUs, vpmaddubsw on AVX2
+    ones; the plain IR they fall back to elsewhere must give the same integers (same
+    result bits) - each branch the host can run is forced in turn."""
     from numba import njit
 
     rng = np.random.default_rng(5000 + tid)
@@ -300,11 +302,29 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
     def build():
         return njit(lambda w, xq, xd, xs: kernel(w, xq, xd, xs, nb))
 
+    branches = [(False, False)]  # plain IR
+    if quant._target_has("avx2"):
+        branches.append((False, True))
+    if quant._VNNI512:
+        branches.append((True, False))
     results = []
-    for vnni in (quant._VNNI512, False):
+    for vnni, maddubs in branches:
         monkeypatch.setattr(quant, "_VNNI512", vnni)
+        monkeypatch.setattr(quant, "_MADDUBS", maddubs)
         results.append(build()(w, xq, xd, xs))
-    assert results[0] == results[1]
+    assert len(set(results)) == 1, dict(zip(branches, results))
+    # the extreme operands a saturating int16 pair sum would get wrong
+    if tid == quant.GGML_Q8_0:
+        w2 = w.copy()
+        for b in range(nb):
+            w2[34 * b + 2:34 * b + 34] = 0x80  # q = -128: |q| = 128 as the unsigned operand
+        xq2 = np.full(cols, -127, np.int8)
+        extremes = []
+        for vnni, maddubs in branches:
+            monkeypatch.setattr(quant, "_VNNI512", vnni)
+            monkeypatch.setattr(quant, "_MADDUBS", maddubs)
+            extremes.append(build()(w2, xq2, xd, xs))
+        assert len(set(extremes)) == 1, extremes
     Wd = _ref(w.reshape(1, -1), tid).astype(np.float64)[0]
     model = Wd @ (xq.reshape(-1, bs) * xd[:, None].astype(np.float64)).reshape(-1)
     assert abs(results[1] - model) <= 1e-5 * np.abs(Wd).sum() * np.abs(xd).max() * 127
