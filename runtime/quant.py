@@ -1114,19 +1114,38 @@ def _abs_max(x):
     return _bits_as_f32(m)
 
 
+@intrinsic
+def _round_f16(typingctx, v):
+    """float32 rounded to the nearest IEEE half (even on ties), back as float32:
+    what storing it in a ggml fp16 field does (the hardware conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], llir.HalfType()), llir.FloatType())
+    return types.float32(types.float32), codegen
+
+
 @njit(cache=True, fastmath=_FM)
-def quantize_q8(x, bs, xq, xd, xs16):
+def quantize_q8(x, bs, xq, xd, xs16, xsd):
     """x[cols] -> int8 blocks of bs values (32 for the legacy formats, like llama.cpp's
     Q8_0/Q8_1; 256 for the k-quants, like its Q8_K): x ~ xd[k] * xq, xq rounded to
     nearest with |xq| <= 127 (the block's largest |x| maps to 127), and xs16[j] =
-    sum of xq over each 16 values (the offset terms: sum((q - c) * xq) = dot - c * sum)."""
+    sum of xq over each 16 values (the offset terms: sum((q - c) * xq) = dot - c * sum).
+    Blocks of 32 keep ggml's fp16 fields: xd rounded to half, and xsd[k] = half(d *
+    sum of block k's xq) (Q8_1's s, which the Q4_1 / Q5_1 minimums multiply)."""
     for k in range(x.shape[0] // bs):
         xb = x[bs * k:bs * k + bs]
         amax = _abs_max(xb)
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        t = 0
         for j in range(bs):
-            xq[bs * k + j] = np.int32(np.rint(xb[j] * inv))
-        xd[k] = amax / np.float32(127.0)
+            q = np.int32(np.rint(xb[j] * inv))
+            xq[bs * k + j] = q
+            t += q
+        d = amax / np.float32(127.0)
+        if bs == 32:
+            xd[k] = _round_f16(d)
+            xsd[k] = _round_f16(d * np.float32(t))
+        else:
+            xd[k] = d
     for k in range(x.shape[0] // 16):
         t = 0
         for j in range(16):
@@ -1196,65 +1215,134 @@ def _ir_dot4(builder, acc, u8, s8):
     return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
 
 
-def _kdot_intrinsic(body):
-    """An intrinsic f(w, xq, xd, xs16, nb) -> float32 summing body(...) over nb
-    super-blocks; body returns the block's float contribution."""
+# Every int8 dot is written as two halves per block: `unpack` turns a block's bytes
+# into integer vectors and scales (once), `dot` meets them with one activation row.
+# _rows_dot_intrinsic loops over blocks and, inside, over up to Q8_MAX_ROWS rows
+# of activations, each with accumulators of its own: a weight block is read and
+# unpacked once for every row of a multi-sequence decode step, and each row sees
+# exactly the operations, in the order, that a one-row call performs (one-row
+# calls are the same kernel with R = 1), so a row's result does not depend on how
+# many rows share the step.
+
+Q8_MAX_ROWS = 16
+
+
+def _rows_dot_intrinsic(bsize_w, unpack, dot, accs, finish):
+    """An intrinsic f(w, xq[R, c], xd[R, c/bs], xs16[R, c/16], nb, out[R]) writing
+    out[r] = the dot of weight row w (nb blocks of bsize_w bytes) with activation row
+    r, R <= Q8_MAX_ROWS.  accs: [(llvm type, init constant)] per row; dot(builder, st,
+    i, xp, xdp, xsp) returns one value to add to each; finish(builder, values) -> f32."""
 
     @intrinsic
-    def kdot(typingctx, w, xq, xd, xs16, nb):
-        sig = types.float32(w, xq, xd, xs16, nb)
+    def rows_dot(typingctx, w, xq, xd, xs16, nb, out):
+        sig = types.none(w, xq, xd, xs16, nb, out)
 
         def codegen(context, builder, signature, args):
-            wa, xa, xda, xsa, nb_ = args
+            wa, xa, xda, xsa, nb_, oa = args
             aty = signature.args
-            i8, i32, f32 = llir.IntType(8), llir.IntType(32), llir.FloatType()
-            p = (_ir_data(context, builder, aty[0], wa, i8), _ir_data(context, builder, aty[1], xa, i8),
-                 _ir_data(context, builder, aty[2], xda, f32), _ir_data(context, builder, aty[3], xsa, i32))
-            acc = cgutils.alloca_once_value(builder, llir.Constant(f32, 0.0))
-            with cgutils.for_range(builder, builder.sext(nb_, llir.IntType(64)) if nb_.type.width < 64 else nb_) as loop:
-                v = body(builder, loop.index, *p)
-                builder.store(builder.fadd(builder.load(acc), v), acc)
-            return builder.load(acc)
+            i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
+            wp = _ir_data(context, builder, aty[0], wa, i8)
+            xp0 = _ir_data(context, builder, aty[1], xa, i8)
+            xdp0 = _ir_data(context, builder, aty[2], xda, f32)
+            xsp0 = _ir_data(context, builder, aty[3], xsa, i32)
+            op = _ir_data(context, builder, aty[5], oa, f32)
+
+            def row_len(k, a):
+                return cgutils.unpack_tuple(builder, context.make_array(aty[k])(context, builder, a).shape, 2)
+
+            n_rows, x_len = row_len(1, xa)
+            _, xd_len = row_len(2, xda)
+            _, xs_len = row_len(3, xsa)
+            n = builder.sext(nb_, i64) if nb_.type.width < 64 else nb_
+            one = builder.icmp_signed("==", n_rows, llir.Constant(n_rows.type, 1))
+            with builder.if_else(one) as (single, several):
+                with single:
+                    # One row (token-by-token decode): the same operations, with the
+                    # accumulators in registers (a row-indexed stack array costs
+                    # 30 % on short legacy blocks).
+                    regs = [cgutils.alloca_once_value(builder, init) for _, init in accs]
+                    with cgutils.for_range(builder, n) as blk:
+                        i = blk.index
+                        st = unpack(builder, i, wp)
+                        for slot, v in zip(regs, dot(builder, st, i, xp0, xdp0, xsp0)):
+                            builder.store(builder.fadd(builder.load(slot), v), slot)
+                    builder.store(finish(builder, [builder.load(slot) for slot in regs]), op)
+                with several:
+                    slots = [cgutils.alloca_once(builder, ty, size=llir.Constant(i32, Q8_MAX_ROWS)) for ty, _ in accs]
+                    with cgutils.for_range(builder, n_rows) as r:
+                        for slot, (_, init) in zip(slots, accs):
+                            builder.store(init, builder.gep(slot, [r.index]))
+                    with cgutils.for_range(builder, n) as blk:
+                        i = blk.index
+                        st = unpack(builder, i, wp)
+                        with cgutils.for_range(builder, n_rows) as r:
+                            xp = builder.gep(xp0, [builder.mul(r.index, x_len)])
+                            xdp = builder.gep(xdp0, [builder.mul(r.index, xd_len)])
+                            xsp = builder.gep(xsp0, [builder.mul(r.index, xs_len)])
+                            for slot, v in zip(slots, dot(builder, st, i, xp, xdp, xsp)):
+                                ptr = builder.gep(slot, [r.index])
+                                builder.store(builder.fadd(builder.load(ptr), v), ptr)
+                    with cgutils.for_range(builder, n_rows) as r:
+                        vals = [builder.load(builder.gep(slot, [r.index])) for slot in slots]
+                        builder.store(finish(builder, vals), builder.gep(op, [r.index]))
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return kdot
+    return rows_dot
 
 
-def _q4_k_block(builder, i, wp, xp, xdp, xsp):
+_F32_ZERO = llir.Constant(llir.FloatType(), 0.0)
+
+
+def _kdot_intrinsic(bsize_w, unpack, dot):
+    """k-quants: one float32 accumulator per row, one block contribution per step."""
+    return _rows_dot_intrinsic(bsize_w, unpack, lambda *a: [dot(*a)], [(llir.FloatType(), _F32_ZERO)],
+                               lambda builder, vals: vals[0])
+
+
+def _q4_k_unpack(builder, i, wp):
     # Q4_K (layout at _dec_q4_k): qs bytes 0-31 hold sub-blocks 0 (low nibbles)
     # and 1 (high), bytes 32-63 sub-blocks 2 and 3, ...  A 64-byte load's low
     # nibbles are sub-blocks (0 | 2), its high nibbles (1 | 3): the activations
     # are rearranged to match and the scales spread over lanes 0-7 and 8-15.
-    i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
-    c = lambda k: llir.Constant(i64, k)  # noqa: E731
-    v64 = llir.VectorType(i8, 64)
-    v16 = llir.VectorType(i32, 16)
-    o = builder.mul(i, c(144))
-    xo = builder.mul(i, c(256))
+    i32 = llir.IntType(32)
+    v64 = llir.VectorType(llir.IntType(8), 64)
+    o = builder.mul(i, _c64(144))
     d = _ir_f16(builder, wp, o)
-    dmin = _ir_f16(builder, wp, builder.add(o, c(2)))
+    dmin = _ir_f16(builder, wp, builder.add(o, _c64(2)))
     sc, mi = _ir_k_scale_bytes(builder, wp, o)
     sc8 = builder.zext(sc, llir.VectorType(i32, 8))
     mi8 = builder.zext(mi, llir.VectorType(i32, 8))
     fifteen = llir.Constant(v64, [15] * 64)
     four = llir.Constant(v64, [4] * 64)
-    x = [_ir_vload(builder, xp, builder.add(xo, c(64 * k)), v64, 1) for k in range(4)]
-    lo_idx = list(range(32)) + list(range(64, 96))
-    hi_idx = list(range(32, 64)) + list(range(96, 128))
+    nibs = []
+    for h in range(2):
+        a = _ir_vload(builder, wp, builder.add(o, _c64(16 + 64 * h)), v64, 1)
+        for s, nib in enumerate((builder.and_(a, fifteen), builder.lshr(a, four))):
+            j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
+            nibs.append((h, s, nib, _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)))
+    return d, dmin, mi8, nibs
+
+
+_Q4K_X_IDX = (list(range(32)) + list(range(64, 96)), list(range(32, 64)) + list(range(96, 128)))
+
+
+def _q4_k_dot(builder, st, i, xp, xdp, xsp):
+    d, dmin, mi8, nibs = st
+    i32, f32 = llir.IntType(32), llir.FloatType()
+    v64 = llir.VectorType(llir.IntType(8), 64)
+    v16 = llir.VectorType(i32, 16)
+    xo = builder.mul(i, _c64(256))
+    x = [_ir_vload(builder, xp, builder.add(xo, _c64(64 * k)), v64, 1) for k in range(4)]
     tot = llir.Constant(v16, [0] * 16)
     zero = llir.Constant(v16, [0] * 16)
-    for h in range(2):
-        a = _ir_vload(builder, wp, builder.add(o, c(16 + 64 * h)), v64, 1)
-        for s, (nib, idx) in enumerate(((builder.and_(a, fifteen), lo_idx), (builder.lshr(a, four), hi_idx))):
-            xa = builder.shuffle_vector(x[2 * h], x[2 * h + 1],
-                                        llir.Constant(llir.VectorType(i32, 64), idx))
-            j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
-            scale = _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)
-            tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, nib, xa), scale))
+    for h, s, nib, scale in nibs:
+        xa = builder.shuffle_vector(x[2 * h], x[2 * h + 1], llir.Constant(llir.VectorType(i32, 64), _Q4K_X_IDX[s]))
+        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, nib, xa), scale))
     isum = _ir_reduce_add(builder, tot)
     # minimums against the rounded activations' sums per 32 (as _qdot_q4_1)
-    xs = _ir_vload(builder, xsp, builder.mul(i, c(16)), v16, 4)
+    xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
     xs32 = builder.add(_ir_lanes(builder, xs, list(range(0, 16, 2))), _ir_lanes(builder, xs, list(range(1, 16, 2))))
     msum = _ir_reduce_add(builder, builder.mul(mi8, xs32))
     xd = builder.load(builder.gep(xdp, [i]))
@@ -1262,27 +1350,35 @@ def _q4_k_block(builder, i, wp, xp, xdp, xsp):
                                          builder.fmul(dmin, builder.sitofp(msum, f32))))
 
 
-def _q6_k_block(builder, i, wp, xp, xdp, xsp):
+def _q6_k_unpack(builder, i, wp):
     # Q6_K (layout at _dec_q6_k): for each half h, ql bytes h*64 + 0..63 give
     # weights h*128 + 0..63 (low nibbles) and h*128 + 64..127 (high nibbles),
     # each topped by 2 bits of qh[h*32 + l]; every 4 lanes share one scale.
-    # sum(sc * (q - 32) * x) = sum(sc * q * x) - 32 * sum(sc * xsum16).
-    i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
-    c = lambda k: llir.Constant(i64, k)  # noqa: E731
-    v64 = llir.VectorType(i8, 64)
+    i32 = llir.IntType(32)
     v16 = llir.VectorType(i32, 16)
-    o = builder.mul(i, c(210))
-    xo = builder.mul(i, c(256))
-    d = _ir_f16(builder, wp, builder.add(o, c(208)))
-    sc = builder.sext(_ir_vload(builder, wp, builder.add(o, c(192)), llir.VectorType(i8, 16), 1), v16)
-    tot = llir.Constant(v16, [0] * 16)
-    zero = llir.Constant(v16, [0] * 16)
+    o = builder.mul(i, _c64(210))
+    d = _ir_f16(builder, wp, builder.add(o, _c64(208)))
+    sc = builder.sext(_ir_vload(builder, wp, builder.add(o, _c64(192)), llir.VectorType(llir.IntType(8), 16), 1), v16)
+    parts = []
     for h in range(2):
         for s, u6 in enumerate(_ir_q6_k_half(builder, wp, o, h)):
-            xa = _ir_vload(builder, xp, builder.add(xo, c(128 * h + 64 * s)), v64, 1)
-            scale = _ir_lanes(builder, sc, [8 * h + 4 * s + lane // 4 for lane in range(16)])
-            tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u6, xa), scale))
-    xs = _ir_vload(builder, xsp, builder.mul(i, c(16)), v16, 4)
+            parts.append((h, s, u6, _ir_lanes(builder, sc, [8 * h + 4 * s + lane // 4 for lane in range(16)])))
+    return d, sc, parts
+
+
+def _q6_k_dot(builder, st, i, xp, xdp, xsp):
+    # sum(sc * (q - 32) * x) = sum(sc * q * x) - 32 * sum(sc * xsum16).
+    d, sc, parts = st
+    i32, f32 = llir.IntType(32), llir.FloatType()
+    v64 = llir.VectorType(llir.IntType(8), 64)
+    v16 = llir.VectorType(i32, 16)
+    xo = builder.mul(i, _c64(256))
+    tot = llir.Constant(v16, [0] * 16)
+    zero = llir.Constant(v16, [0] * 16)
+    for h, s, u6, scale in parts:
+        xa = _ir_vload(builder, xp, builder.add(xo, _c64(128 * h + 64 * s)), v64, 1)
+        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u6, xa), scale))
+    xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
     isum = builder.sub(_ir_reduce_add(builder, tot),
                        builder.mul(llir.Constant(i32, 32), _ir_reduce_add(builder, builder.mul(sc, xs))))
     xd = builder.load(builder.gep(xdp, [i]))
@@ -1290,77 +1386,69 @@ def _q6_k_block(builder, i, wp, xp, xdp, xsp):
 
 
 def _legacy_dot_intrinsic(kind):
-    """Whole-row dot of a legacy-format row (kind "q4_0", "q4_1" or "q8_0") with
-    int8 activation blocks of 32: f(w, xq, xd, xs16, nb) -> float32.  Per block the
-    32 integer products go through one u8 x s8 dot-of-four (8 int32 lanes), whose
-    lanes are scaled by d * xd and added to a vector float accumulator: one
-    horizontal sum per row, not per block.  Q4_0's -8 offset and Q4_1's minimum
-    use the blocks' activation sums (in int32 / float32); Q8_0's signed weights meet the vpdpbusd's
+    """Whole-row dots of a legacy-format row (kind q4_0, q4_1, q5_0, q5_1 or q8_0)
+    with int8 activation blocks of 32.  Per block the 32 integer products go
+    through one u8 x s8 dot-of-four (8 int32 lanes), whose lanes are scaled by
+    d * xd and added to a vector float accumulator: one horizontal sum per row,
+    not per block.  Q4_0/Q5_0's offset and Q4_1/Q5_1's minimum use the blocks'
+    activation sums (in int32 / float32); Q8_0's signed weights meet the
     unsigned operand as |w| against sign(w) * x (|x| <= 127, so no overflow)."""
     bsz = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}[kind]
     qoff = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q8_0": 2}[kind]
     qhoff = {"q5_0": 2, "q5_1": 4}.get(kind)  # the u32 of 5th bits
     offset = {"q4_0": 8, "q5_0": 16}.get(kind)  # w = d * (q - offset)
     has_min = kind in ("q4_1", "q5_1")          # w = d * q + m
+    i8, i32, f32 = llir.IntType(8), llir.IntType(32), llir.FloatType()
+    v32 = llir.VectorType(i8, 32)
+    v8i = llir.VectorType(i32, 8)
+    v8f = llir.VectorType(f32, 8)
 
-    @intrinsic
-    def ldot(typingctx, w, xq, xd, xs16, nb):
-        sig = types.float32(w, xq, xd, xs16, nb)
+    def unpack(builder, i, wp):
+        o = builder.mul(i, _c64(bsz))
+        neg = None
+        if kind == "q8_0":
+            q = _ir_vload(builder, wp, builder.add(o, _c64(qoff)), v32, 1)
+            neg = builder.icmp_signed("<", q, llir.Constant(v32, [0] * 32))
+            u = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), q), q)
+        else:
+            u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, _c64(qoff)), llir.VectorType(i8, 16), 1))
+        if qhoff is not None:  # Q5: bit j of qh is bit 4 of weight j (q <= 31 fits a u8)
+            u = builder.or_(u, _ir_bit_bytes(builder, wp, o, qhoff, 16))
+        d = _ir_f16(builder, wp, o)
+        m = _ir_f16(builder, wp, builder.add(o, _c64(2))) if has_min else None
+        return u, neg, d, m
 
-        def codegen(context, builder, signature, args):
-            wa, xa, xda, xsa, nb_ = args
-            aty = signature.args
-            i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
-            c = lambda k: llir.Constant(i64, k)  # noqa: E731
-            v32 = llir.VectorType(i8, 32)
-            v16 = llir.VectorType(i8, 16)
-            v8i = llir.VectorType(i32, 8)
-            v8f = llir.VectorType(f32, 8)
-            wp = _ir_data(context, builder, aty[0], wa, i8)
-            xp = _ir_data(context, builder, aty[1], xa, i8)
-            xdp = _ir_data(context, builder, aty[2], xda, f32)
-            xsp = _ir_data(context, builder, aty[3], xsa, i32)
-            vacc = cgutils.alloca_once_value(builder, llir.Constant(v8f, [0.0] * 8))
-            sacc = cgutils.alloca_once_value(builder, llir.Constant(f32, 0.0))
-            n = builder.sext(nb_, i64) if nb_.type.width < 64 else nb_
-            with cgutils.for_range(builder, n) as loop:
-                i = loop.index
-                o = builder.mul(i, c(bsz))
-                x = _ir_vload(builder, xp, builder.mul(i, c(32)), v32, 1)
-                if kind == "q8_0":
-                    q = _ir_vload(builder, wp, builder.add(o, c(qoff)), v32, 1)
-                    neg = builder.icmp_signed("<", q, llir.Constant(v32, [0] * 32))
-                    u = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), q), q)
-                    x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
-                else:
-                    u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, c(qoff)), v16, 1))
-                if qhoff is not None:  # Q5: bit j of qh is bit 4 of weight j (q <= 31 fits a u8)
-                    u = builder.or_(u, _ir_bit_bytes(builder, wp, o, qhoff, 16))
-                v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
-                if kind != "q8_0":
-                    s0 = builder.load(builder.gep(xsp, [builder.mul(i, c(2))]))
-                    s1 = builder.load(builder.gep(xsp, [builder.add(builder.mul(i, c(2)), c(1))]))
-                    xs32 = builder.add(s0, s1)
-                if offset is not None:  # sum((q - c) * x) = sum(q * x) - c * sum(x), in lane 0
-                    v = builder.sub(v, builder.insert_element(
-                        llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, offset)),
-                        llir.Constant(i32, 0)))
-                d = _ir_f16(builder, wp, o)
-                xdi = builder.load(builder.gep(xdp, [i]))
-                dx = builder.fmul(d, xdi)
-                builder.store(builder.fadd(builder.load(vacc), builder.fmul(builder.sitofp(v, v8f),
-                                                                            _ir_splat(builder, dx, 8))), vacc)
-                if has_min:  # the minimum against the rounded x's sum, as the k-quants do
-                    corr = builder.fmul(builder.fmul(_ir_f16(builder, wp, builder.add(o, c(2))), xdi),
-                                        builder.sitofp(xs32, f32))
-                    builder.store(builder.fadd(builder.load(sacc), corr), sacc)
-            fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(f32, [f32, v8f]),
-                                                "llvm.vector.reduce.fadd.v8f32")
-            return builder.call(fn, [builder.load(sacc), builder.load(vacc)], fastmath=("reassoc",))
+    def dot(builder, st, i, xp, xdp, xsp):
+        u, neg, d, m = st
+        x = _ir_vload(builder, xp, builder.mul(i, _c64(32)), v32, 1)
+        if neg is not None:
+            x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
+        v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
+        xs32 = None
+        if offset is not None:  # xs: int32 sums of 16
+            s0 = builder.load(builder.gep(xsp, [builder.mul(i, _c64(2))]))
+            s1 = builder.load(builder.gep(xsp, [builder.add(builder.mul(i, _c64(2)), _c64(1))]))
+            xs32 = builder.add(s0, s1)
+        if offset is not None:  # sum((q - c) * x) = sum(q * x) - c * sum(x), in lane 0
+            v = builder.sub(v, builder.insert_element(
+                llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, offset)),
+                llir.Constant(i32, 0)))
+        xdi = builder.load(builder.gep(xdp, [i]))
+        vec = builder.fmul(builder.sitofp(v, v8f), _ir_splat(builder, builder.fmul(d, xdi), 8))
+        if not has_min:
+            return [vec]
+        # the minimum times Q8_1's s = half(d * sum of the block's xq), as ggml does
+        xsd = builder.load(builder.bitcast(builder.gep(xsp, [i]), f32.as_pointer()))
+        return [vec, builder.fmul(m, xsd)]
 
-        return sig, codegen
+    accs = [(v8f, llir.Constant(v8f, [0.0] * 8))] + ([(f32, _F32_ZERO)] if has_min else [])
 
-    return ldot
+    def finish(builder, vals):
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(f32, [f32, v8f]),
+                                            "llvm.vector.reduce.fadd.v8f32")
+        return builder.call(fn, [vals[1] if has_min else _F32_ZERO, vals[0]], fastmath=("reassoc",))
+
+    return _rows_dot_intrinsic(bsz, unpack, dot, accs, finish)
 
 
 _qdot_q4_0 = _legacy_dot_intrinsic("q4_0")
@@ -1368,8 +1456,8 @@ _qdot_q4_1 = _legacy_dot_intrinsic("q4_1")
 _qdot_q5_0 = _legacy_dot_intrinsic("q5_0")
 _qdot_q5_1 = _legacy_dot_intrinsic("q5_1")
 _qdot_q8_0 = _legacy_dot_intrinsic("q8_0")
-_qdot_q4_k = _kdot_intrinsic(_q4_k_block)
-_qdot_q6_k = _kdot_intrinsic(_q6_k_block)
+_qdot_q4_k = _kdot_intrinsic(144, _q4_k_unpack, _q4_k_dot)
+_qdot_q6_k = _kdot_intrinsic(210, _q6_k_unpack, _q6_k_dot)
 
 
 @njit(cache=True)
@@ -1380,22 +1468,25 @@ def _has_q8_dot(type_id):
 
 
 @njit(cache=True, inline="always")
-def _row_dot_q8(type_id, w, a32, ak, nb):
-    """a32 / ak: x as int8 blocks of 32 / 256 (xq, xd, xs16), see _activation_q8."""
+def _rows_dot_q8(type_id, w, a32, ak, nb, out):
+    """out[r] = weight row w . activation row r, for every row of a32 / ak (x as int8
+    blocks of 32 / 256: xq, xd, xs16, see _activation_q8)."""
     if type_id == GGML_Q4_K:
-        return _qdot_q4_k(w, ak[0], ak[1], ak[2], nb)
-    if type_id == GGML_Q6_K:
-        return _qdot_q6_k(w, ak[0], ak[1], ak[2], nb)
-    xq, xd, xs16 = a32
-    if type_id == GGML_Q4_0:
-        return _qdot_q4_0(w, xq, xd, xs16, nb)
-    if type_id == GGML_Q8_0:
-        return _qdot_q8_0(w, xq, xd, xs16, nb)
-    if type_id == GGML_Q5_0:
-        return _qdot_q5_0(w, xq, xd, xs16, nb)
-    if type_id == GGML_Q5_1:
-        return _qdot_q5_1(w, xq, xd, xs16, nb)
-    return _qdot_q4_1(w, xq, xd, xs16, nb)
+        _qdot_q4_k(w, ak[0], ak[1], ak[2], nb, out)
+    elif type_id == GGML_Q6_K:
+        _qdot_q6_k(w, ak[0], ak[1], ak[2], nb, out)
+    else:
+        xq, xd, xs16, xsd = a32
+        if type_id == GGML_Q4_0:
+            _qdot_q4_0(w, xq, xd, xs16, nb, out)
+        elif type_id == GGML_Q8_0:
+            _qdot_q8_0(w, xq, xd, xs16, nb, out)
+        elif type_id == GGML_Q5_0:
+            _qdot_q5_0(w, xq, xd, xs16, nb, out)
+        elif type_id == GGML_Q5_1:
+            _qdot_q5_1(w, xq, xd, xsd, nb, out)  # minimums take Q8_1's s
+        else:
+            _qdot_q4_1(w, xq, xd, xsd, nb, out)
 
 
 # ---------------------------------------------------------------------------
@@ -1531,9 +1622,11 @@ def matmul(type_id, W, X, out):
 
 @njit(cache=True)
 def matmul_q8(type_id, W, X, out):
-    """matmul, but one-row products (decode) use 8-bit activations where the format
-    has an integer kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K), as llama.cpp does."""
-    if X.shape[0] <= FUSED_MAX_N:
+    """matmul, but products of up to Q8_MAX_ROWS rows (decode, one row per sequence)
+    use 8-bit activations where the format has an integer kernel (Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0, Q4_K, Q6_K), as llama.cpp does: each row rounded and summed exactly
+    as it would be alone, each weight block unpacked once for all of them."""
+    if X.shape[0] <= FUSED_MAX_N or (X.shape[0] <= Q8_MAX_ROWS and _has_q8_dot(type_id)):
         _matmul_fused(type_id, W, X, out, True)
     elif _has_i16(type_id) and X.shape[0] >= I16_MIN_N:
         _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:0], out[:0])
@@ -1543,16 +1636,19 @@ def matmul_q8(type_id, W, X, out):
 
 @njit(cache=True)
 def _activation_q8(X, cols, bs):
-    """X[0, :cols] as int8 blocks of bs for _row_dot_q8: (xq, xd, xs16); empty
-    when cols is 0 or not a multiple of bs (no format of that block size fits)."""
+    """Each row of X[:, :cols] as int8 blocks of bs for _rows_dot_q8: (xq [n, cols],
+    xd [n, cols/bs], xs16 [n, cols/16]), every row rounded on its own (as a one-row
+    call rounds it); empty when cols is 0 or not a multiple of bs."""
     if cols % bs:
         cols = 0
-    xq = np.empty(cols, np.int8)
-    xd = np.empty(cols // bs, np.float32)
-    xs16 = np.empty(cols // 16, np.int32)
-    if cols > 0:
-        quantize_q8(X[0, :cols], bs, xq, xd, xs16)
-    return xq, xd, xs16
+    n = X.shape[0] if cols > 0 else 0
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, cols // bs), np.float32)
+    xs16 = np.empty((n, cols // 16), np.int32)
+    xsd = np.empty((n, cols // 32 if bs == 32 else 0), np.float32)
+    for r in range(n):
+        quantize_q8(X[r, :cols], bs, xq[r], xd[r], xs16[r], xsd[r])
+    return xq, xd, xs16, xsd
 
 
 @njit(cache=True, inline="always")
@@ -1587,7 +1683,7 @@ def _matmul_fused(type_id, W, X, out, act_q8):
     n = X.shape[0]
     cols = X.shape[1]
     nb = cols // _block_size_nb(type_id)
-    q8 = act_q8 and n == 1 and _has_q8_dot(type_id)
+    q8 = act_q8 and n <= Q8_MAX_ROWS and _has_q8_dot(type_id)
     a32 = _activation_q8(X, cols if q8 and not _is_k(type_id) else 0, 32)
     ak = _activation_q8(X, cols if q8 and _is_k(type_id) else 0, 256)
     xsum = np.empty((0 if q8 else n, cols // 32), np.float32)  # the float kernels' x sums
@@ -1595,10 +1691,13 @@ def _matmul_fused(type_id, W, X, out, act_q8):
     n_tasks = min(rows, _N_TASKS)
     bounds = _shares(n_tasks, rows)
     for t in prange(n_tasks):
+        col = np.empty(Q8_MAX_ROWS, np.float32)  # one weight row against every x row
         for i in range(bounds[t], bounds[t + 1]):
             w = W[i]
             if q8:
-                out[0, i] = _row_dot_q8(type_id, w, a32, ak, nb)
+                _rows_dot_q8(type_id, w, a32, ak, nb, col)
+                for r in range(n):
+                    out[r, i] = col[r]
                 continue
             for r in range(n):
                 out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)

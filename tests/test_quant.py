@@ -202,14 +202,34 @@ def _weights_for(tid, rows, cols, rng):
     return _random_raw(tid, rows, cols // quant.block_size(tid), rng, scales=_finite_scales(rng))
 
 
-def _q8_blocks(x, bs):
-    """numpy model of quant.quantize_q8: per bs values d = amax/127, q = rint(x*127/amax)."""
+def _q8_blocks(x, bs, with_s=False):
+    """numpy model of quant.quantize_q8: per bs values d = amax/127, q = rint(x*127/amax);
+    blocks of 32 keep ggml's fp16 d (Q8_0 / Q8_1) and s = half(d * sum(q)) (Q8_1)."""
     xb = x.reshape(-1, bs)
     amax = np.abs(xb).max(1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(xb * inv[:, None])
     d = (amax / np.float32(127)).astype(np.float32)
-    return q, d
+    s = (d * q.sum(1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    if bs == 32:
+        d = d.astype(np.float16).astype(np.float32)
+    return (q, d, s) if with_s else (q, d)
+
+
+def _q8_model(W, tid, x):
+    """float64 model of the int8 product W . x as ggml computes it: x in int8 blocks
+    (of 256 for k-quants, Q8_K; of 32 for the legacy formats, Q8_0 / Q8_1), the Q4_1 /
+    Q5_1 minimums multiplied by Q8_1's fp16 s instead of d * sum(q)."""
+    bs = 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32
+    qx, d, s = _q8_blocks(x, bs, with_s=True)
+    Wd = _ref(W, tid).astype(np.float64)
+    model = Wd @ (qx * d[:, None].astype(np.float64)).reshape(-1)
+    if tid in (quant.GGML_Q4_1, quant.GGML_Q5_1):
+        bsz = quant.type_size(tid)
+        blocks = np.asarray(W).reshape(W.shape[0], -1, bsz)
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # [rows, blocks]
+        model += m @ (s.astype(np.float64) - d.astype(np.float64) * qx.sum(1))
+    return model
 
 
 @pytest.mark.parametrize("tid", TYPES, ids=NAMES.get)
@@ -229,7 +249,10 @@ def test_matmul_q8_decode_path(tid):
     q[::32] = 127 * np.sign(q[::32] + 0.5)
     x = (q * np.float32(2.0 ** -7)).reshape(1, cols)
     quant.matmul_q8(tid, W, x, out)
-    assert _rel_err(out, x.astype(np.float64) @ Wd.T) < 1e-5
+    exact_model = _q8_model(W, tid, x[0]) if quant._has_q8_dot(tid) else Wd @ x[0].astype(np.float64)
+    assert _rel_err(out, exact_model[None]) < 1e-5
+    if tid not in (quant.GGML_Q4_1, quant.GGML_Q5_1):  # only Q8_1's fp16 s rounds these
+        assert _rel_err(out, x.astype(np.float64) @ Wd.T) < 1e-5
 
     x = rng.standard_normal((1, cols)).astype(np.float32)
     quant.matmul_q8(tid, W, x, out)
@@ -238,9 +261,29 @@ def test_matmul_q8_decode_path(tid):
     if quant._has_q8_dot(tid):
         # the whole product with x rounded to int8 blocks: of 256 for k-quants (llama.cpp's
         # Q8_K), of 32 for the legacy formats (Q8_0 / Q8_1)
-        qx, d = _q8_blocks(x[0], 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32)
-        model = Wd @ (qx * d[:, None].astype(np.float64)).reshape(-1)
-        assert _rel_err(out, model[None]) < 1e-5
+        assert _rel_err(out, _q8_model(W, tid, x[0])[None]) < 1e-5
+
+
+@pytest.mark.parametrize("tid", [t for t in TYPES if quant._has_q8_dot(t)], ids=NAMES.get)
+def test_multi_row_decode_is_batch_invariant(tid):
+    """Decode of several sequences in one step (2..16 activation rows): each weight
+    block unpacked once for all rows, and every row's result bit for bit what it is
+    alone - the server's batching must not change what a sequence computes."""
+    rng = np.random.default_rng(6000 + tid)
+    cols = _cols_for(tid)
+    rows = 45
+    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    X = (rng.standard_normal((quant.Q8_MAX_ROWS, cols)) * rng.uniform(0.1, 10, (quant.Q8_MAX_ROWS, 1))).astype(np.float32)
+    alone = np.empty((quant.Q8_MAX_ROWS, rows), np.float32)
+    for r in range(quant.Q8_MAX_ROWS):
+        quant.matmul_q8(tid, W, X[r:r + 1], alone[r:r + 1])
+    for n in (2, 3, 7, quant.Q8_MAX_ROWS):
+        out = np.full((n, rows), np.nan, np.float32)
+        quant.matmul_q8(tid, W, np.ascontiguousarray(X[:n]), out)
+        np.testing.assert_array_equal(out, alone[:n])
+    # and it is the int8 model of the product, not another path's float result
+    for r in (0, quant.Q8_MAX_ROWS - 1):
+        assert _rel_err(alone[r:r + 1], _q8_model(W, tid, X[r])[None]) < 1e-5
 
 
 I16_TYPES = [t for t in TYPES if quant._has_i16(t)]
@@ -295,12 +338,20 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
     xq = np.empty(cols, np.int8)
     xd = np.empty(cols // bs, np.float32)
     xs = np.empty(cols // 16, np.int32)
-    quant.quantize_q8(rng.standard_normal(cols).astype(np.float32), bs, xq, xd, xs)
+    xsd = np.empty(cols // 32 if bs == 32 else 0, np.float32)
+    x = rng.standard_normal(cols).astype(np.float32)
+    quant.quantize_q8(x, bs, xq, xd, xs, xsd)
+    if tid in (quant.GGML_Q4_1, quant.GGML_Q5_1):
+        xs = xsd  # the minimums' kernels take Q8_1's s per block
     kernel = Q8_KERNELS[tid]
     nb = cols // quant.block_size(tid)
 
     def build():
-        return njit(lambda w, xq, xd, xs: kernel(w, xq, xd, xs, nb))
+        def one(w, xq, xd, xs):
+            out = np.empty(1, np.float32)
+            kernel(w, xq.reshape((1, -1)), xd.reshape((1, -1)), xs.reshape((1, -1)), nb, out)
+            return out[0]
+        return njit(one)
 
     branches = [(False, False)]  # plain IR
     if quant._target_has("avx2"):
@@ -326,7 +377,7 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
             extremes.append(build()(w2, xq2, xd, xs))
         assert len(set(extremes)) == 1, extremes
     Wd = _ref(w.reshape(1, -1), tid).astype(np.float64)[0]
-    model = Wd @ (xq.reshape(-1, bs) * xd[:, None].astype(np.float64)).reshape(-1)
+    model = _q8_model(w.reshape(1, -1), tid, x)[0]
     assert abs(results[1] - model) <= 1e-5 * np.abs(Wd).sum() * np.abs(xd).max() * 127
 
 
