@@ -519,8 +519,15 @@ def cli_attention(args) -> int:
     layers = [layer] if layer is not None else list(range(n_layers))
     need = len(layers) * n_heads * len(ids) ** 2 * 4
     if need > MAX_MAP_BYTES:
-        raise CLIError(f"maps of {len(layers)} layers x {n_heads} heads x {len(ids)}^2 would take "
-                       f"{need / 2**20:.0f} MiB; pick one layer with --layer")
+        # the longest prompt whose maps of one layer fit (the maps grow as tokens^2)
+        one_layer = math.isqrt(MAX_MAP_BYTES // (n_heads * 4))
+        size = (f"maps of {len(layers)} layer{'s' if len(layers) > 1 else ''} x {n_heads} heads x "
+                f"{len(ids)}^2 tokens would take {need / 2**20:.0f} MiB, over the "
+                f"{MAX_MAP_BYTES // 2**20} MiB limit")
+        if layer is None and len(ids) <= one_layer:
+            raise CLIError(f"{size}; pick one layer with --layer")
+        raise CLIError(f"{size}: even one layer's maps hold at most {one_layer} tokens "
+                       f"(the prompt has {len(ids)}); shorten the prompt")
     maps = np.asarray(model.attention(ids, layers=layers), dtype=np.float32)
     labels = token_labels(model.tokenizer, ids)
     name = Path(str(args.model)).name

@@ -16,6 +16,7 @@ stdout (one per line), so it can be scripted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -38,6 +39,22 @@ HELP = """commands:
   /set               show the current settings
   /stats             speed of the last reply and context use
 Ctrl-C stops a reply and returns to the prompt."""
+
+
+def _parse_number(key: str, value: str, kind):
+    """``/set`` values: a finite number ("nan" or "inf" would poison every logit),
+    an integer where the setting counts something (1e3 is accepted as 1000)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{key} needs a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if kind is int:
+        if not x.is_integer():
+            raise ValueError(f"{key} needs a whole number, got {value!r}")
+        return int(value) if value.strip().lstrip("+-").isdigit() else int(x)
+    return x
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -65,6 +82,10 @@ class ChatSession:
         self.n_predict = n_predict
         self.notify = notify or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.template = model.gguf.get("tokenizer.chat_template")
+        if self.template:
+            from .chat_template import prestart_worker
+
+            prestart_worker()  # the template process starts while the user types
         tok = self.tokenizer
         self.bos_text = tok.token_to_piece(tok.bos_id, True).decode("utf-8", "replace") if tok.bos_id is not None else ""
         self.eos_text = tok.token_to_piece(tok.eos_id, True).decode("utf-8", "replace") if tok.eos_id is not None else ""
@@ -78,11 +99,14 @@ class ChatSession:
 
     # ------------------------------------------------------------ prompt
     def render_ids(self, messages: list[dict]) -> list[int]:
-        from .chat_template import render_chat
+        """The conversation's prompt as tokens.  PromptTooLongError when its text
+        is too long to fit at all (refused before tokenizing it)."""
+        from .chat_template import MAX_CHARS_PER_TOKEN, render_chat
 
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         text = render_chat(self.template, full, add_generation_prompt=True,
-                           bos_token=self.bos_text, eos_token=self.eos_text)
+                           bos_token=self.bos_text, eos_token=self.eos_text,
+                           max_chars=MAX_CHARS_PER_TOKEN * self.n_ctx)
         tok = self.tokenizer
         add_special = True
         if tok.add_bos and self.bos_text and text.startswith(self.bos_text):
@@ -92,11 +116,16 @@ class ChatSession:
     def _fit(self) -> list[int]:
         """Render the conversation, dropping the oldest turns until it fits
         with room for a reply."""
+        from .chat_template import MAX_CHARS_PER_TOKEN, PromptTooLongError
+
         room = self.n_predict if self.n_predict > 0 else min(256, self.n_ctx // 4)
         dropped = 0
         while True:
-            ids = self.render_ids(self.messages)
-            if len(ids) + room <= self.n_ctx or len(self.messages) <= 1:
+            try:
+                ids = self.render_ids(self.messages)
+            except PromptTooLongError:
+                ids = None  # too long to tokenize, so too long to fit: like too many tokens
+            if (ids is not None and len(ids) + room <= self.n_ctx) or len(self.messages) <= 1:
                 break
             # drop the oldest exchange: a user message and the reply to it
             n = 2 if len(self.messages) >= 3 and self.messages[1]["role"] == "assistant" else 1
@@ -105,6 +134,15 @@ class ChatSession:
         if dropped:
             self.notify(f"[context full: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}"
                         f"{' (kept the system prompt)' if self.system else ''}]")
+        if ids is None:
+            self.messages.pop()
+            raise CLIError(f"the prompt would have more than {MAX_CHARS_PER_TOKEN * self.n_ctx} "
+                           f"characters ({MAX_CHARS_PER_TOKEN} per token) but the context holds "
+                           f"{self.n_ctx} tokens (raise -c/--ctx-size or shorten the "
+                           f"message/system prompt)")
+        if not ids:
+            self.messages.pop()
+            raise CLIError("the chat prompt is empty (no tokens)")
         if len(ids) >= self.n_ctx:
             self.messages.pop()
             raise CLIError(f"the message needs {len(ids)} tokens but the context holds {self.n_ctx} "
@@ -172,7 +210,7 @@ class ChatSession:
     def set(self, key: str, value: str) -> str:
         key = key.replace("-", "_")
         if key == "n_predict":
-            self.n_predict = int(value)
+            self.n_predict = _parse_number(key, value, int)
             return f"n_predict = {self.n_predict}"
         params = self.sampler.params
         names = {f.name: f.type for f in dataclasses.fields(params)}
@@ -180,10 +218,7 @@ class ChatSession:
             raise ValueError(f"unknown setting {key!r} (one of: {', '.join(names)}, n_predict)")
         t = names[key]
         kind = {"int": int, "float": float}[t if isinstance(t, str) else t.__name__]
-        try:
-            v = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
-        except ValueError:
-            raise ValueError(f"{key} needs a number, got {value!r}") from None
+        v = _parse_number(key, value, kind)
         new = dataclasses.replace(params, **{key: v})   # validates
         self.sampler.params = new
         if key == "seed":

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .chat_template import MAX_CHARS_PER_TOKEN
 from .cli import CLIError
 from .sampling import Sampler, SamplerParams
 
@@ -113,6 +114,10 @@ def cli_generate(args) -> int:
     params = SamplerParams.from_args(args)
     model = load_model(args.model, n_ctx=args.ctx_size)
     tok = model.tokenizer
+    if len(args.prompt) > MAX_CHARS_PER_TOKEN * model.n_ctx:  # refused before paying to tokenize it
+        raise CLIError(f"the prompt has {len(args.prompt)} characters, more than can fit in the "
+                       f"{model.n_ctx}-token context ({MAX_CHARS_PER_TOKEN} per token at most; "
+                       f"raise -c/--ctx-size, at most the model's training context)")
     ids = tok.tokenize(args.prompt, add_special=True, parse_special=True)
     if not ids:
         raise CLIError("the prompt is empty (no tokens)")

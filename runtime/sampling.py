@@ -31,6 +31,9 @@ __all__ = ["SamplerParams", "Sampler", "apply_penalties", "top_k", "top_p", "min
            "temperature", "softmax", "sample_categorical", "greedy", "nucleus"]
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass
 class SamplerParams:
     temp: float = 0.8
@@ -44,8 +47,23 @@ class SamplerParams:
     seed: int = -1
 
     def __post_init__(self):
-        if not np.isfinite(self.temp):
-            raise ValueError(f"temperature must be finite, got {self.temp}")
+        # NaN passes every range check below (all comparisons are False) and then
+        # poisons the logits: a NaN repeat penalty made greedy decoding pick the
+        # very token it penalised.  So first: every value is a finite number.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{f.name} must be a number, got {v!r}")
+            if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
+            if f.type in (int, "int"):
+                if v != int(v):
+                    raise ValueError(f"{f.name} must be a whole number, got {v}")
+                setattr(self, f.name, int(v))
+            else:
+                if abs(v) > _FLOAT32_MAX:  # penalties and logits are float32
+                    raise ValueError(f"{f.name} is too large, got {v}")
+                setattr(self, f.name, float(v))
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:

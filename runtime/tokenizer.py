@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import re as _re  # the trie regexes: plain literals, faster in the standard engine
 import warnings
+from array import array
 
 import regex
 
@@ -262,6 +264,172 @@ _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~["}
 
 _CACHE_LIMIT = 1 << 18  # words cached per tokenizer before the cache is reset
+_CACHE_MAX_WORD = 64     # longer words are not cached: rare, and a cached one pins its text
+_SHORT_TEXT = 2048       # texts up to this length look for special tokens one token at a time
+_STRIP_WS = " \t\n\v\f\r"  # what llama.cpp's LSTRIP/RSTRIP remove beside a special token
+_MAX_TRIE_DEPTH = 100    # branch points along one special token in the trie regex (else: scan)
+
+# A merge-heap entry is one int, rank << 32 | position: the heap pops the lowest rank
+# first and, among equal ranks, the leftmost pair, as llama.cpp's queues do.
+_POS_BITS = 32
+_POS_MASK = (1 << _POS_BITS) - 1
+
+
+_END = ""  # trie key marking where a token ends (no token text is empty)
+
+
+def _trie(ids_by_text: dict[str, int]) -> dict:
+    """Nested dicts, one level per character; ``node[_END]`` is the id of the
+    token ending there."""
+    root: dict = {}
+    for text, tid in ids_by_text.items():
+        node = root
+        for ch in text:
+            node = node.setdefault(ch, {})
+        node[_END] = tid
+    return root
+
+
+def _trie_regex(node: dict, depth: int = 0) -> str:
+    """A regex matching exactly the trie's tokens: ``<|im_start|>`` and
+    ``<|im_end|>`` become ``<\\|im_(?:start|end)\\|>``.  Its cost per text
+    position is the depth matched, not the number of tokens; a token that ends
+    where others go on becomes a greedy optional group, so a match is the
+    longest token starting at its position."""
+    if depth > _MAX_TRIE_DEPTH:
+        raise RecursionError("special-token trie too deep for a regex")
+    run = _run_length(node)
+    if run:  # tokens c^k ... c^(k+run), each a prefix of the next (Gemma's whitespace runs)
+        (c,) = (ch for ch in node if ch != _END)
+        return f"{_re.escape(c)}{{0,{run}}}"  # one greedy repeat, not `run` nested groups
+    alts = []
+    for ch, child in node.items():
+        if ch == _END:
+            continue
+        lit = [ch]
+        while len(child) == 1 and _END not in child:  # a chain without branches: one literal
+            (c, child), = child.items()
+            lit.append(c)
+        alts.append(_re.escape("".join(lit)) + _trie_regex(child, depth + 1))
+    if not alts:
+        return ""
+    body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+    return f"(?:{body})?" if _END in node else body
+
+
+def _run_length(node: dict) -> int:
+    """m when the tokens below ``node`` (itself a token's end) are that token
+    followed by 1..m copies of one character and nothing else; else 0."""
+    m, run_char = 0, None
+    while _END in node and len(node) == 2:
+        (c,) = (ch for ch in node if ch != _END)
+        if run_char not in (None, c):
+            return 0
+        run_char, node = c, node[c]
+        m += 1
+    return m if m and node.keys() == {_END} else 0
+
+
+class _SpecialFinder:
+    """Where special tokens start in a text, in one regex pass.
+
+    The trie regex sits in a lookahead, so every position is tried; at each it
+    reports the longest token starting there.  Any other token starting there
+    is a prefix of that one, so ``find`` files each position once, under its
+    longest token, and ``extensions[t]`` lists the tokens whose text starts
+    with t's (t included): t's occurrences are the positions filed under those.
+    ``ok`` is False when the texts make too deep a trie for Python's regex
+    compiler (a hostile vocabulary): the caller then searches token by token."""
+
+    def __init__(self, ids_by_text: dict[str, int]):
+        root = _trie(ids_by_text)
+        self.longest: dict[str, int] = ids_by_text
+        self.extensions: dict[int, list[int]] = {}
+        for text, tid in ids_by_text.items():
+            node = root
+            for ch in text:  # the tokens on text's trie path are its prefixes
+                node = node[ch]
+                if _END in node:
+                    self.extensions.setdefault(node[_END], []).append(tid)
+        try:
+            self.pattern = _re.compile("(?=(" + _trie_regex(root) + "))") if root else None
+            self.ok = True
+        except (RecursionError, _re.error, OverflowError, MemoryError):
+            self.ok = False
+
+    def find(self, text: str) -> dict[int, list[int]]:
+        """longest token id -> ascending positions where it is the longest that starts."""
+        found: dict[int, list[int]] = {}
+        if self.pattern is None:
+            return found
+        longest = self.longest
+        for m in self.pattern.finditer(text):
+            tid = longest[m.group(1)]
+            starts = found.get(tid)
+            if starts is None:
+                found[tid] = [m.start()]
+            else:
+                starts.append(m.start())
+        return found
+
+
+def _merge_by_priority(word: str, priority) -> list[str]:
+    """Greedy pairwise merging, as llama.cpp's BPE and SPM queues do it: while
+    some adjacent pair of symbols has a priority (``priority(left, right)``, an
+    int, lower first, None = cannot merge), merge the first pair of the lowest.
+
+    Memory is what makes a long word without spaces expensive, so the state is
+    compact: a symbol is a span of ``word`` (its start indexes three int arrays:
+    length, next start, previous start), and a heap entry is one int, priority
+    << 32 | start of the left symbol.  An entry is not removed when its pair
+    changes; when popped, it is used only if the pair now at that start still
+    has that priority.  That accepts exactly the pairs a queue of (priority,
+    left, right) entries would, in the same order: a pair's entry is pushed
+    whenever the pair forms, and a symbol only grows by taking its right
+    neighbour.  O(n log n) time, about 60 bytes per character."""
+    n = len(word)
+    if n == 0:
+        return []
+    size = array("q", [1]) * n             # length of the symbol starting here, 0 once merged away
+    nxt = array("q", range(1, n + 1))
+    nxt[-1] = -1
+    prev = array("q", range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        p = priority(word[i], word[i + 1])
+        if p is not None:
+            heap.append(p << _POS_BITS | i)
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        key = pop(heap)
+        a = key & _POS_MASK
+        b = nxt[a]
+        if b < 0 or not size[a]:
+            continue
+        end = b + size[b]
+        if priority(word[a:b], word[b:end]) != key >> _POS_BITS:
+            continue  # the pair changed since this entry was pushed
+        size[a] = end - a
+        size[b] = 0
+        c = nxt[b]
+        nxt[a] = c
+        if c >= 0:
+            prev[c] = a
+            p = priority(word[a:end], word[c:c + size[c]])
+            if p is not None:
+                push(heap, p << _POS_BITS | a)
+        z = prev[a]
+        if z >= 0:
+            p = priority(word[z:a], word[a:end])
+            if p is not None:
+                push(heap, p << _POS_BITS | z)
+    out = []
+    i = 0
+    while i >= 0:
+        out.append(word[i:i + size[i]])
+        i = nxt[i]
+    return out
 
 
 class Tokenizer:
@@ -472,6 +640,8 @@ class Tokenizer:
             cls = "".join(regex.escape(c) for c in sorted(glue))
             self._spm_cut = regex.compile(f"(?<=[^{SPACE_MARK}{cls}])(?={SPACE_MARK})")
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._special_finders: dict[bool, _SpecialFinder] = {}  # parse_special -> finder, built on first use
+        self._score_rank: list[int] | None = None               # SPM: built on the first long piece
         self._pieces: list[bytes | None] = [None] * n
         self._pieces_special: list[bytes | None] = [None] * n
 
@@ -518,40 +688,106 @@ class Tokenizer:
         return out
 
     def _partition(self, text: str, parse_special: bool) -> list:
-        """Split out special tokens, longest first, as llama.cpp's tokenizer_st_partition."""
-        frags: list = [text]
+        """Split out special tokens as llama.cpp's tokenizer_st_partition does.
+
+        llama.cpp takes the special tokens one at a time, longest first, and
+        cuts every leftmost non-overlapping occurrence out of the raw text that
+        is still left (an LSTRIP/RSTRIP token also eats the whitespace beside
+        it).  Cutting by slicing off the rest of the text after each hit costs
+        O(N) per hit, so O(N^2) for a text full of special tokens; here the
+        same selection is made on positions: where the tokens start is found
+        first (``_special_starts``), then the tokens are taken in llama.cpp's
+        order, an occurrence only where all its characters are still raw.
+        A position that got cut is dropped from the candidates for good, so
+        the whitespace-run tokens of Gemma ("  " ... 31 spaces, each a prefix
+        of the next) do not try every position of a long run again.  O(N)
+        time and memory for N characters."""
         order = self._special_all if parse_special else self._special_user
-        chars = None
+        starts_at, extensions = self._special_starts(text, parse_special)
+        if not starts_at:
+            return [text]
+        n = len(text)
+        taken = bytearray(n)   # 1 = cut out: a special token, or whitespace it stripped
+        cuts = []              # (start, end, token id) of every token cut out
+        for tid in order:
+            keys = [k for k in extensions.get(tid, (tid,)) if k in starts_at]
+            if not keys:
+                continue
+            starts = starts_at[keys[0]] if len(keys) == 1 else sorted(
+                p for k in keys for p in starts_at[k])
+            size = len(self.tokens[tid])
+            mark = b"\x01" * size
+            attr = self.attrs[tid]
+            for s in starts:
+                e = s + size
+                if taken.find(1, s, e) >= 0:
+                    continue  # overlaps a longer token, or this token's previous hit
+                taken[s:e] = mark
+                cuts.append((s, e, tid))
+                if attr & ATTR_LSTRIP:  # the raw whitespace just before it goes
+                    j = s
+                    while j > 0 and not taken[j - 1] and text[j - 1] in _STRIP_WS:
+                        j -= 1
+                    taken[j:s] = b"\x01" * (s - j)
+                if attr & ATTR_RSTRIP:  # and/or the raw whitespace just after it
+                    j = e
+                    while j < n and not taken[j] and text[j] in _STRIP_WS:
+                        j += 1
+                    taken[e:j] = b"\x01" * (j - e)
+            for k in keys:  # positions now cut can start no token: drop them
+                live = [p for p in starts_at[k] if not taken[p]]
+                if live:
+                    starts_at[k] = live
+                else:
+                    del starts_at[k]
+        if not cuts:
+            return [text]
+        cuts.sort()
+        frags: list = []
+        pos = 0
+        for s, e, tid in cuts + [(n, n, None)]:
+            # between two tokens: the raw text, less any stripped whitespace at its two ends
+            first = taken.find(0, pos, s)
+            if first >= 0:
+                frags.append(text[first:taken.rfind(0, pos, s) + 1])
+            if tid is not None:
+                frags.append(tid)
+            pos = e
+        return frags
+
+    def _special_starts(self, text: str, parse_special: bool):
+        """(starts_at, extensions) for _partition: the occurrences of the special
+        tokens in ``text`` as ``starts_at[k]``, ascending start positions, where
+        token t's occurrences are those filed under the ids ``extensions[t]``
+        (default: t alone).
+
+        A short text is searched token by token (a C substring scan each, so
+        ``starts_at`` is keyed by the token itself); a long one by
+        _SpecialFinder, in one pass whose cost does not grow with the number
+        of special tokens (Gemma has 6414)."""
+        order = self._special_all if parse_special else self._special_user
+        if not order or not text:
+            return {}, {}
+        finder = self._special_finders.get(parse_special)
+        if finder is None and len(text) > _SHORT_TEXT:
+            finder = self._special_finders[parse_special] = _SpecialFinder(
+                {self.tokens[i]: i for i in order})
+        if finder is not None and finder.ok:
+            return finder.find(text), finder.extensions
+        starts_at: dict[int, list[int]] = {}
+        chars = set(text)
         for tid in order:
             tok = self.tokens[tid]
-            if chars is None:
-                chars = set(text)
-            if tok[0] not in chars or tok not in text:
+            if tok[0] not in chars:
                 continue
-            attr = self.attrs[tid]
-            new: list = []
-            for f in frags:
-                if isinstance(f, int) or tok not in f:
-                    new.append(f)
-                    continue
-                rest = f
-                while True:
-                    k = rest.find(tok)
-                    if k < 0:
-                        if rest:
-                            new.append(rest)
-                        break
-                    left = rest[:k]
-                    if attr & ATTR_LSTRIP:
-                        left = left.rstrip(" \t\n\v\f\r")
-                    if left:
-                        new.append(left)
-                    new.append(tid)
-                    rest = rest[k + len(tok):]
-                    if attr & ATTR_RSTRIP:
-                        rest = rest.lstrip(" \t\n\v\f\r")
-            frags = new
-        return frags
+            k = text.find(tok)
+            if k < 0:
+                continue
+            starts = starts_at[tid] = []
+            while k >= 0:
+                starts.append(k)
+                k = text.find(tok, k + 1)
+        return starts_at, {}
 
     # BPE ---------------------------------------------------------------
     def _bpe_encode(self, text: str, out: list[int]) -> None:
@@ -562,7 +798,8 @@ class Tokenizer:
             ids = cache.get(word)
             if ids is None:
                 ids = self._bpe_word(word.encode("utf-8").decode("latin-1").translate(_BYTE_TO_CHAR))
-                cache[word] = ids
+                if len(word) <= _CACHE_MAX_WORD:
+                    cache[word] = ids
             out.extend(ids)
 
     def _bpe_word(self, word: str) -> tuple[int, ...]:
@@ -597,32 +834,7 @@ class Tokenizer:
     def _bpe_merge_heap(self, word: str) -> list[str]:
         """Same result as _bpe_merge_scan in O(n log n): llama.cpp's priority queue."""
         ranks = self._ranks
-        text = list(word)
-        n = len(text)
-        prev = list(range(-1, n - 1))
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        heap = []
-
-        def push(a, b):
-            if a >= 0 and b >= 0:
-                r = ranks.get((text[a], text[b]))
-                if r is not None:
-                    heapq.heappush(heap, (r, a, b, text[a] + text[b]))
-
-        for i in range(n - 1):
-            push(i, i + 1)
-        while heap:
-            _, a, b, merged = heapq.heappop(heap)
-            if not text[a] or not text[b] or text[a] + text[b] != merged or nxt[a] != b:
-                continue
-            text[a], text[b] = merged, ""
-            nxt[a] = nxt[b]
-            if nxt[b] >= 0:
-                prev[nxt[b]] = a
-            push(prev[a], a)
-            push(a, nxt[a])
-        return [t for t in text if t]
+        return _merge_by_priority(word, lambda left, right: ranks.get((left, right)))
 
     # SentencePiece -------------------------------------------------------
     def _spm_encode(self, text: str, out: list[int]) -> None:
@@ -635,11 +847,33 @@ class Tokenizer:
             ids = cache.get(piece)
             if ids is None:
                 ids = self._spm_piece(piece)
-                cache[piece] = ids
+                if len(piece) <= _CACHE_MAX_WORD:
+                    cache[piece] = ids
             out.extend(ids)
 
     def _spm_piece(self, text: str) -> tuple[int, ...]:
         """llama.cpp's SPM: merge the best-scoring adjacent pair that forms a token."""
+        vocab = self.token_to_id
+        if len(text) > 48:
+            syms = self._spm_merge_heap(text)
+        else:
+            syms = self._spm_merge_small(text)
+        out = []
+        for s in syms:
+            tid = vocab.get(s)
+            if tid is not None:
+                out.append(tid)
+            else:  # byte fallback: <0xNN> per UTF-8 byte
+                for b in s.encode("utf-8"):
+                    bid = self._byte_ids[b]
+                    if bid is None:
+                        bid = self.unk_id
+                    if bid is not None:
+                        out.append(bid)
+        return tuple(out)
+
+    def _spm_merge_small(self, text: str) -> list[str]:
+        """The merge on a short piece: a heap of (-score, left, right, size)."""
         vocab, scores = self.token_to_id, self.scores
         sym = list(text)
         n = len(sym)
@@ -667,22 +901,29 @@ class Tokenizer:
                 prev[nxt[b]] = a
             push(prev[a], a)
             push(a, nxt[a])
-        out = []
-        i = 0
-        while i != -1:
-            s = sym[i]
-            tid = vocab.get(s)
-            if tid is not None:
-                out.append(tid)
-            else:  # byte fallback: <0xNN> per UTF-8 byte
-                for b in s.encode("utf-8"):
-                    bid = self._byte_ids[b]
-                    if bid is None:
-                        bid = self.unk_id
-                    if bid is not None:
-                        out.append(bid)
-            i = nxt[i]
-        return tuple(out)
+        return [s for s in sym if s]
+
+    def _spm_merge_heap(self, text: str) -> list[str]:
+        """_spm_merge_small's result in compact memory, for long pieces: the
+        priority is the score's rank (equal scores, equal rank), so that an
+        entry is one int."""
+        vocab = self.token_to_id
+        rank = self._score_ranks()
+
+        def priority(left, right):
+            tid = vocab.get(left + right)
+            return None if tid is None else rank[tid]
+
+        return _merge_by_priority(text, priority)
+
+    def _score_ranks(self) -> list[int]:
+        """token id -> position of its score in descending order (ties share one)."""
+        if self._score_rank is None:
+            # NaN (a broken file) would make the order undefined: it ranks last
+            key = [s if s == s else float("-inf") for s in self.scores]
+            level = {v: r for r, v in enumerate(sorted(set(key), reverse=True))}
+            self._score_rank = [level[v] for v in key]
+        return self._score_rank
 
     # ---------------------------------------------------------------- decode
     def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
