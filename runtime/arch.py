@@ -129,6 +129,7 @@ class HParams:
     swa_layers: tuple = ()       # per layer: True where the layer uses the window
     n_kv_heads_per_layer: tuple = ()
     ffn_dim_per_layer: tuple = ()
+    n_heads_per_layer: tuple = ()
     arch: str = "llama"
     rope_style: str = "normal"
     rope_base: float = 10000.0
@@ -147,6 +148,9 @@ class HParams:
 
     def kv_heads(self, il: int) -> int:
         return self.n_kv_heads_per_layer[il] if self.n_kv_heads_per_layer else self.n_kv_heads
+
+    def heads(self, il: int) -> int:
+        return self.n_heads_per_layer[il] if self.n_heads_per_layer else self.n_heads
 
     def ffn(self, il: int) -> int:
         return self.ffn_dim_per_layer[il] if self.ffn_dim_per_layer else self.ffn_dim
@@ -263,14 +267,15 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
     d = r.int("embedding_length", lo=1, hi=MAX_D, required=True)
     n_heads, heads_pl = r.int_or_layers("attention.head_count", n_layers, lo=1, hi=MAX_HEADS, required=True)
     n_kv, kv_pl = r.int_or_layers("attention.head_count_kv", n_layers, default=n_heads, lo=1, hi=MAX_HEADS)
-    if heads_pl and for_engine:
-        raise ValueError(f"{r.where('attention.head_count')}: per-layer head counts are not supported by this engine")
     for il in range(n_layers):
         h = heads_pl[il] if heads_pl else n_heads
         kv = kv_pl[il] if kv_pl else n_kv
         if kv > h or h % kv:
             raise ValueError(f"{r.where('attention.head_count_kv')}: {h} query heads cannot share "
                              f"{kv} KV heads (layer {il})")
+    if heads_pl and "attention.key_length" not in _keys(g):
+        raise ValueError(f"{r.where('attention.head_count')}: per-layer head counts need "
+                         f"{arch}.attention.key_length (the head size)")
     if "attention.key_length" in _keys(g) or d % n_heads == 0:
         hd = r.int("attention.key_length", default=d // n_heads, lo=1, hi=MAX_HEAD_DIM)
     else:
@@ -298,14 +303,20 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
         raise ValueError(f"{r.where('rope.scaling.type')} = {scaling!r}: this engine implements "
                          f"none, linear and llama3 (rope_freqs.weight) RoPE scaling")
 
+    if for_engine:
+        # llama.cpp reads these as one value or one per layer, but its llama / qwen2 /
+        # qwen3 graphs take every layer's tensor shapes from layer 0: arrays that
+        # differ between layers are refused there, and here, naming the key.
+        for key, pl in (("attention.head_count", heads_pl), ("attention.head_count_kv", kv_pl),
+                        ("feed_forward_length", ffn_pl)):
+            if pl:
+                raise ValueError(f"{r.where(key)}: per-layer values that differ ({list(pl)[:8]}) are "
+                                 f"not supported for {arch} (llama.cpp refuses them too)")
     n_vocab = _vocab_size(g, r, d, for_engine)
     swa_layers: tuple = ()
     if n_swa and fam.swa_period:
         p = fam.swa_period
         swa_layers = tuple(il % p < p - 1 for il in range(n_layers))
-    if kv_pl and for_engine:
-        raise ValueError(f"{r.where('attention.head_count_kv')}: per-layer KV head counts are not "
-                         f"supported by this engine")
     name = g.get("general.name")
     return HParams(
         name=name if isinstance(name, str) else arch, n_layers=n_layers, d_model=d, n_heads=n_heads,
@@ -313,6 +324,7 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
         tied="output.weight" not in tensors, n_ctx_train=n_ctx_train,
         qkv_bias=fam.qkv_bias or "blk.0.attn_q.bias" in tensors, qk_norm=fam.qk_norm,
         n_swa=n_swa, swa_layers=swa_layers, n_kv_heads_per_layer=kv_pl, ffn_dim_per_layer=ffn_pl,
+        n_heads_per_layer=heads_pl,
         arch=arch, rope_style=fam.rope_style, rope_base=base, rope_base_local=fam.rope_base_local,
         rope_freq_scale=freq_scale, rope_scaling=scaling, n_rot=n_rot, rms_eps=eps, family=fam)
 

@@ -26,6 +26,53 @@ from pathlib import Path
 import numpy as np
 
 
+def _stream_sum(a):
+    pass
+
+
+def _make_stream_sum():
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def stream_sum(a):
+        """Sum of a uint64 array in 64 equal parts: a streaming read (integer adds
+        vectorise; a float sum would be bound by its add latency, not the memory)."""
+        n = a.shape[0]
+        parts = np.zeros(64, np.uint64)
+        for t in prange(64):
+            acc = np.uint64(0)
+            for i in range(t * n // 64, (t + 1) * n // 64):
+                acc += a[i]
+            parts[t] = acc
+        return parts.sum()
+
+    return stream_sum
+
+
+def read_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s this machine streams from DRAM with the current threads: best of reps
+    sums over nbytes (8x a typical L3), after one untimed pass faults the pages in."""
+    global _stream_sum
+    if not hasattr(_stream_sum, "py_func"):
+        _stream_sum = _make_stream_sum()
+    a = np.ones(nbytes // 8, np.uint64)
+    _stream_sum(a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        _stream_sum(a)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def decode_bytes_per_token(g) -> int:
+    """Weight bytes one decode step reads: every tensor but the token embedding,
+    of which only one row is read (the embedding is the output matrix too when the
+    model has no output.weight, and then it is read whole)."""
+    tied = "output.weight" not in g.tensors
+    return sum(t.nbytes for name, t in g.tensors.items() if name != "token_embd.weight" or tied)
+
+
 def _ids(n: int, n_vocab: int, seed: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).integers(0, n_vocab, n)]
 
@@ -211,6 +258,8 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     doc["load_s"] = ours.pop("load_s")
     for test, st in ours.items():
         doc["tests"][test] = {"ours": st}
+    doc["decode_bytes_per_token"] = decode_bytes_per_token(g)
+    doc["dram_read_bytes_per_s"] = read_bandwidth()
     if vs_llamacpp:
         lc = res["llama.cpp"]
         doc["llamacpp_load_s"] = lc.pop("load_s")
@@ -260,6 +309,18 @@ def format_table(doc: dict) -> str:
         if vs:
             row += f" | {t['llamacpp']['median']:14.1f} | {t['ratio']:5.2f}"
         lines.append(row)
+    bw = doc.get("dram_read_bytes_per_s")
+    for test, t in doc["tests"].items():
+        if test.startswith("tg") and bw:
+            per = doc["decode_bytes_per_token"]
+            ours = per * t["ours"]["median"]
+            lines.append(f"{test}: {per / 2**20:.0f} MiB of weights a token; this machine reads "
+                         f"{bw / 1e9:.1f} GB/s")
+            line = f"  roofline: ours {ours / 1e9:.1f} GB/s ({100 * ours / bw:.0f} %)"
+            if "llamacpp" in t:
+                theirs = per * t["llamacpp"]["median"]
+                line += f", llama.cpp {theirs / 1e9:.1f} GB/s ({100 * theirs / bw:.0f} %)"
+            lines.append(line)
     mit = doc.get("llamacpp_mitigation")
     if mit and mit["active"]:
         lines.append("llama.cpp ran with use_extra_bufts=False (AMX CPU + AMX build): no REPACK")

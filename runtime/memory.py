@@ -505,7 +505,8 @@ def plan(arch: Arch, weights: Weights, *, vram: int, n_ctx: int, kv_type: str = 
     comp = compute_bytes(arch, ctx, min(n_ubatch, ctx), flash_attn=flash_attn)
     res = {
         "model": arch.name,
-        "arch": {k: v for k, v in asdict(arch).items() if k not in ("swa_layers", "n_kv_heads_per_layer", "ffn_dim_per_layer", "family")},
+        "arch": {k: v for k, v in asdict(arch).items() if k not in ("swa_layers", "n_kv_heads_per_layer", "ffn_dim_per_layer", "n_heads_per_layer",
+                                                                "family")},
         "n_params": weights.n_params,
         "vram": vram,
         "n_ctx": n_ctx,

@@ -44,7 +44,9 @@ from runtime.registry import PullError, RegistryEntry
 from _gguf_util import ARR, STR, U8, U64, gguf_string, small_gguf_files
 from runtime import arch
 from runtime.model import Model
+from _oracle import llamacpp_logits  # (also puts tools/ on sys.path)
 from make_synthetic import default_spec, write_synthetic
+from dataclasses import replace
 from runtime import chat_template
 from runtime.chat import ChatSession
 from runtime.chat_template import (ChatTemplateWarning, PromptTooLongError, render_chat,
@@ -617,21 +619,38 @@ def test_tokenizer_and_embedding_disagree(tmp_path):
 
 def test_per_layer_arrays_where_llama_cpp_reads_them(tmp_path):
     """llama.cpp reads head_count, head_count_kv and feed_forward_length as one value or
-    one per layer: uniform arrays compute as the scalar does; per-layer KV or query
-    head counts that differ are refused by the engine, naming the key (the planner
-    sizes them)."""
+    one per layer: uniform arrays compute exactly as the scalar does."""
     ids = [5, 9, 300, 42, 7]
     ref = Model.load(_tiny(tmp_path, "scalar"), n_ctx=16).logits(ids)
     arr = _tiny(tmp_path, "arrays", attention__head_count=([8, 8], None),
                 attention__head_count_kv=([8, 8], None), feed_forward_length=([512, 512], None))
     np.testing.assert_array_equal(Model.load(arr, n_ctx=16).logits(ids), ref)
-    mixed = _tiny(tmp_path, "mixed", attention__head_count_kv=([8, 4], None))
-    with pytest.raises(ValueError, match="head_count_kv.*per-layer"):
-        Model.load(mixed, n_ctx=16)
+
+
+@pytest.mark.parametrize("layers,key", [
+    (dict(heads_per_layer=(8, 4, 8), kv_per_layer=(8, 2, 4)), "head_count"),
+    (dict(kv_per_layer=(8, 2, 4)), "head_count_kv"),
+])
+def test_per_layer_head_counts_that_differ(tmp_path, llama_cpp, layers, key):
+    """Head counts that differ between layers: llama.cpp's llama graph takes every
+    layer's shapes from layer 0 and refuses the file; the engine refuses it too,
+    naming the key, while the planner (which llama.cpp's per-layer KV sizes follow)
+    still reads the per-layer values."""
     from runtime import memory
 
-    a = memory.arch_from_gguf(GGUFFile(mixed, header_only=True))
-    assert a.n_kv_heads_per_layer == (8, 4)
+    spec = replace(default_spec("llama"), n_layers=3, head_dim=32, **layers)
+    path = write_synthetic(tmp_path / "mixed.gguf", spec)
+    with pytest.raises(ValueError):
+        llamacpp_logits(llama_cpp, path, [1, 2, 3])
+    with pytest.raises(ValueError, match=rf"attention\.{key}: per-layer values that differ"):
+        Model.load(path, n_ctx=16)
+    a = memory.arch_from_gguf(GGUFFile(path, header_only=True))
+    assert a.n_kv_heads_per_layer == (8, 2, 4)
+    with pytest.raises(ValueError, match="feed_forward_length: per-layer"):
+        Model.load(_tiny(tmp_path, "ffn", feed_forward_length=([512, 256], None)), n_ctx=16)
+    with pytest.raises(ValueError, match="key_length"):
+        Model.load(_tiny(tmp_path, "nokey", attention__head_count=([8, 4], None),
+                         attention__head_count_kv=([4, 4], None)), n_ctx=16)
 
 
 # --------------------------------------------------------------------------

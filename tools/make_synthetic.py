@@ -44,6 +44,8 @@ class SynthSpec:
     rms_eps: float = 1e-6
     seed: int = 0
     rope_freqs: float | None = None   # llama3-style rope_freqs.weight: factors 1 .. this over the pairs
+    heads_per_layer: tuple | None = None  # per-layer head_count / head_count_kv arrays (llama.cpp's
+    kv_per_layer: tuple | None = None     # get_key_or_arr); None: n_heads and n_kv_heads everywhere
 
     @property
     def n_kv_heads(self) -> int:
@@ -129,8 +131,10 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), metad
     w.add_context_length(4096)
     w.add_embedding_length(d)
     w.add_feed_forward_length(ffn)
-    w.add_head_count(H)
-    w.add_head_count_kv(KV)
+    Hl = list(spec.heads_per_layer or [H] * spec.n_layers)
+    KVl = list(spec.kv_per_layer or [KV] * spec.n_layers)
+    w.add_head_count(Hl if spec.heads_per_layer else H)
+    w.add_head_count_kv(KVl if spec.kv_per_layer else KV)
     w.add_layer_norm_rms_eps(spec.rms_eps)
     w.add_rope_freq_base(spec.rope_base)
     w.add_rope_dimension_count(hd)
@@ -181,6 +185,7 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), metad
     w.add_tensor("token_embd.weight", emb)
     for i in range(spec.n_layers):
         p = f"blk.{i}."
+        H, KV = Hl[i], KVl[i]
         w.add_tensor(p + "attn_norm.weight", norm(d))
         w.add_tensor(p + "attn_q.weight", mat(H * hd, d, 2.0))
         w.add_tensor(p + "attn_k.weight", mat(KV * hd, d, 2.0))
