@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from runtime import registry
 from runtime.registry import PullError, RegistryEntry
 from _gguf_util import small_gguf_files
+from _http_util import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,12 +254,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with local_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture

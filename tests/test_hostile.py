@@ -22,7 +22,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 import zipfile
@@ -41,6 +40,7 @@ from runtime import registry
 from runtime.gguf import (MAX_ARRAY_STRINGS, MAX_KV, MAX_NESTED_ARRAYS, MAX_TENSORS, GGUFError,
                           GGUFFile)
 from runtime.registry import PullError, RegistryEntry
+from _http_util import local_server
 from _gguf_util import ARR, STR, U8, U64, gguf_string, small_gguf_files
 from runtime import arch
 from runtime.model import Model
@@ -371,13 +371,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _Handler.model = small_gguf_files(tmp_path_factory.mktemp("model"))[0]
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with local_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture
