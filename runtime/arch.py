@@ -273,16 +273,15 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
         if kv > h or h % kv:
             raise ValueError(f"{r.where('attention.head_count_kv')}: {h} query heads cannot share "
                              f"{kv} KV heads (layer {il})")
-    if heads_pl and "attention.key_length" not in _keys(g):
+    has_key_length = r.raw("attention.key_length") is not None
+    if heads_pl and not has_key_length:
         raise ValueError(f"{r.where('attention.head_count')}: per-layer head counts need "
                          f"{arch}.attention.key_length (the head size)")
-    if "attention.key_length" in _keys(g) or d % n_heads == 0:
+    if has_key_length or d % n_heads == 0:
         hd = r.int("attention.key_length", default=d // n_heads, lo=1, hi=MAX_HEAD_DIM)
     else:
         raise ValueError(f"{r.where('embedding_length')} = {d} is not a multiple of "
                          f"{n_heads} heads and {arch}.attention.key_length is missing")
-    if hd < 1:
-        raise ValueError(f"{r.where('attention.key_length')}: head dimension {hd} out of range")
     hdv = r.int("attention.value_length", default=hd, lo=1, hi=MAX_HEAD_DIM)
     n_rot = r.int("rope.dimension_count", default=hd, lo=0, hi=MAX_HEAD_DIM)
     if n_rot % 2 or n_rot > hd or (n_rot == 0 and fam.rope_style != "none"):
@@ -327,10 +326,6 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
         n_heads_per_layer=heads_pl,
         arch=arch, rope_style=fam.rope_style, rope_base=base, rope_base_local=fam.rope_base_local,
         rope_freq_scale=freq_scale, rope_scaling=scaling, n_rot=n_rot, rms_eps=eps, family=fam)
-
-
-def _keys(g):
-    return {k[len(g.arch) + 1:] for k in g.metadata if k.startswith(g.arch + ".")}
 
 
 def _vocab_size(g, r: _Reader, d: int, strict: bool) -> int:

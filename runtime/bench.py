@@ -24,37 +24,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numba import njit, prange
 
 
+@njit(parallel=True, cache=True)
 def _stream_sum(a):
-    pass
-
-
-def _make_stream_sum():
-    from numba import njit, prange
-
-    @njit(parallel=True, cache=True)
-    def stream_sum(a):
-        """Sum of a uint64 array in 64 equal parts: a streaming read (integer adds
-        vectorise; a float sum would be bound by its add latency, not the memory)."""
-        n = a.shape[0]
-        parts = np.zeros(64, np.uint64)
-        for t in prange(64):
-            acc = np.uint64(0)
-            for i in range(t * n // 64, (t + 1) * n // 64):
-                acc += a[i]
-            parts[t] = acc
-        return parts.sum()
-
-    return stream_sum
+    """Sum of a uint64 array in 64 equal parts: a streaming read (integer adds
+    vectorise; a float sum would be bound by its add latency, not the memory)."""
+    n = a.shape[0]
+    parts = np.zeros(64, np.uint64)
+    for t in prange(64):
+        acc = np.uint64(0)
+        for i in range(t * n // 64, (t + 1) * n // 64):
+            acc += a[i]
+        parts[t] = acc
+    return parts.sum()
 
 
 def read_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     """Bytes/s this machine streams from DRAM with the current threads: best of reps
     sums over nbytes (8x a typical L3), after one untimed pass faults the pages in."""
-    global _stream_sum
-    if not hasattr(_stream_sum, "py_func"):
-        _stream_sum = _make_stream_sum()
     a = np.ones(nbytes // 8, np.uint64)
     _stream_sum(a)
     best = float("inf")

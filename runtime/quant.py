@@ -1227,9 +1227,9 @@ def _ir_dot4(builder, acc, u8, s8):
 Q8_MAX_ROWS = 16
 
 
-def _rows_dot_intrinsic(bsize_w, unpack, dot, accs, finish):
+def _rows_dot_intrinsic(unpack, dot, accs, finish):
     """An intrinsic f(w, xq[R, c], xd[R, c/bs], xs16[R, c/16], nb, out[R]) writing
-    out[r] = the dot of weight row w (nb blocks of bsize_w bytes) with activation row
+    out[r] = the dot of weight row w (nb blocks) with activation row
     r, R <= Q8_MAX_ROWS.  accs: [(llvm type, init constant)] per row; dot(builder, st,
     i, xp, xdp, xsp) returns one value to add to each; finish(builder, values) -> f32."""
 
@@ -1295,9 +1295,9 @@ def _rows_dot_intrinsic(bsize_w, unpack, dot, accs, finish):
 _F32_ZERO = llir.Constant(llir.FloatType(), 0.0)
 
 
-def _kdot_intrinsic(bsize_w, unpack, dot):
+def _kdot_intrinsic(unpack, dot):
     """k-quants: one float32 accumulator per row, one block contribution per step."""
-    return _rows_dot_intrinsic(bsize_w, unpack, lambda *a: [dot(*a)], [(llir.FloatType(), _F32_ZERO)],
+    return _rows_dot_intrinsic(unpack, lambda *a: [dot(*a)], [(llir.FloatType(), _F32_ZERO)],
                                lambda builder, vals: vals[0])
 
 
@@ -1448,7 +1448,7 @@ def _legacy_dot_intrinsic(kind):
                                             "llvm.vector.reduce.fadd.v8f32")
         return builder.call(fn, [vals[1] if has_min else _F32_ZERO, vals[0]], fastmath=("reassoc",))
 
-    return _rows_dot_intrinsic(bsz, unpack, dot, accs, finish)
+    return _rows_dot_intrinsic(unpack, dot, accs, finish)
 
 
 _qdot_q4_0 = _legacy_dot_intrinsic("q4_0")
@@ -1456,8 +1456,8 @@ _qdot_q4_1 = _legacy_dot_intrinsic("q4_1")
 _qdot_q5_0 = _legacy_dot_intrinsic("q5_0")
 _qdot_q5_1 = _legacy_dot_intrinsic("q5_1")
 _qdot_q8_0 = _legacy_dot_intrinsic("q8_0")
-_qdot_q4_k = _kdot_intrinsic(144, _q4_k_unpack, _q4_k_dot)
-_qdot_q6_k = _kdot_intrinsic(210, _q6_k_unpack, _q6_k_dot)
+_qdot_q4_k = _kdot_intrinsic(_q4_k_unpack, _q4_k_dot)
+_qdot_q6_k = _kdot_intrinsic(_q6_k_unpack, _q6_k_dot)
 
 
 @njit(cache=True)

@@ -24,6 +24,15 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_md(smollm2_path) -> dict:
+    """SmolLM2's header metadata (tokenizer tests build vocabularies from it)."""
+    from runtime.gguf import GGUFFile
+
+    with GGUFFile(smollm2_path) as g:
+        return dict(g.metadata)
+
+
+@pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """Gemma 3 270M Q4_K_M (real, SentencePiece vocab)."""
     return _pull("gemma3-270m")

@@ -875,14 +875,6 @@ class _Model:
 
 
 @pytest.fixture(scope="module")
-def smol_md(smollm2_path):
-    from runtime.gguf import GGUFFile
-
-    with GGUFFile(smollm2_path) as g:
-        return dict(g.metadata)
-
-
-@pytest.fixture(scope="module")
 def smol(smol_md):
     return Tokenizer.from_metadata(smol_md)
 

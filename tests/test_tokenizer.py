@@ -44,12 +44,6 @@ PRE_VARIANTS = ["qwen2", "llama-bpe", "gpt-2", "default", "deepseek-llm", "deeps
 
 # ----------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def smol_md(smollm2_path):
-    with GGUFFile(smollm2_path) as g:
-        return dict(g.metadata)
-
-
-@pytest.fixture(scope="module")
 def gemma_md(gemma3_path):
     with GGUFFile(gemma3_path) as g:
         return dict(g.metadata)
