@@ -116,15 +116,13 @@ def _linear3(w, m0, m1, m2, x, exact, use2=True):
 
 
 @njit(cache=True)
-def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
-    """softmax(q k^T * scale) v over the cache, q, k, v from rms_norm(x); appends this
-    step's k, v at n_past.  Returns the output projection, float32 [n, d]."""
-    n, d = x.shape
+def _qkv(x, w, l, cfg, rope_cs, exact):
+    """q, k, v of rms_norm(x) for layer l: projections, biases, QK-norm, RoPE."""
     m = w.mats[l]
-    hd, hdv = kv.k.shape[3], kv.v.shape[3]
     h = np.empty_like(x)
     ops.rms_norm(x, w.attn_norm[l], cfg.eps, h)
     q, k, v = _linear3(w, m[WQ], m[WK], m[WV], h, exact)
+    hd = k.shape[1] // cfg.n_kv_heads  # key head dim
     if w.bq.shape[1] > 0:
         ops.add_bias(q, w.bq[l])
         ops.add_bias(k, w.bk[l])
@@ -134,11 +132,41 @@ def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
         ops.rms_norm_heads(k, cfg.n_kv_heads, hd, w.k_norm[l], cfg.eps)
     ops.rope_rotate(q, cfg.n_heads, hd, rope_cs, cfg.neox)
     ops.rope_rotate(k, cfg.n_kv_heads, hd, rope_cs, cfg.neox)
+    return q, k, v
+
+
+@njit(cache=True)
+def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
+    """softmax(q k^T * scale) v over the cache, q, k, v from rms_norm(x); appends this
+    step's k, v at n_past.  Returns the output projection, float32 [n, d]."""
+    n = x.shape[0]
+    hd, hdv = kv.k.shape[3], kv.v.shape[3]
+    q, k, v = _qkv(x, w, l, cfg, rope_cs, exact)
     ops.kv_write(k, v, kv.k[l], kv.v[l], n_past, cfg.n_kv_heads, hd, hdv)
     att = np.empty((n, cfg.n_heads * hdv), np.float32)
     ops.attention(q, kv.k[l], kv.v[l], n_past, cfg.n_heads, cfg.n_kv_heads,
                   np.float32(cfg.attn_scale), att, capture, not exact)
-    return _linear(att, w, m[WO], exact)
+    return _linear(att, w, w.mats[l][WO], exact)
+
+
+@njit(cache=True)
+def attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs):
+    """attention_block for one decode step of several sequences: row i is the
+    sequence whose cache is kv.k[slots[i]] (kv: [n_slots, n_layers, ctx, heads, hd]),
+    at position pos[i].  Projections are batched (each weight block read once for
+    every row); each row's cache write and attention are exactly its own one-row
+    step's, so a row's result does not depend on which rows share the step."""
+    n = x.shape[0]
+    hd, hdv = kv.k.shape[4], kv.v.shape[4]
+    empty3 = np.zeros((0, 0, 0), np.float32)
+    q, k, v = _qkv(x, w, l, cfg, rope_cs, False)
+    att = np.empty((n, cfg.n_heads * hdv), np.float32)
+    for i in range(n):
+        s = slots[i]
+        ops.kv_write(k[i:i + 1], v[i:i + 1], kv.k[s, l], kv.v[s, l], pos[i], cfg.n_kv_heads, hd, hdv)
+        ops.attention(q[i:i + 1], kv.k[s, l], kv.v[s, l], pos[i], cfg.n_heads, cfg.n_kv_heads,
+                      np.float32(cfg.attn_scale), att[i:i + 1], empty3, True)
+    return _linear(att, w, w.mats[l][WO], False)
 
 
 @njit(cache=True)
@@ -173,6 +201,16 @@ def forward_layers(x, pos, n_past, w, cfg, kv, inv_freq, capture, cap_index):
     for l in range(w.mats.shape[0]):
         ci = cap_index[l]
         transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture[ci] if ci >= 0 else empty3, exact)
+
+
+@njit(cache=True)
+def forward_rows(x, pos, slots, w, cfg, kv, inv_freq):
+    """One decode step of x.shape[0] sequences (row i: sequence slots[i], its token
+    at position pos[i]) through every block, in one compiled call."""
+    rope_cs = ops.rope_table(pos, inv_freq)
+    for l in range(w.mats.shape[0]):
+        ops.add(x, attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs))
+        ops.add(x, ffn_block(x, w, l, cfg, False))
 
 
 class Model:
@@ -292,6 +330,11 @@ class Model:
     def session(self, n_ctx: int | None = None) -> "Session":
         return Session(self, n_ctx or self.n_ctx)
 
+    def session_pool(self, n_slots: int, n_ctx: int | None = None) -> "SessionPool":
+        """n_slots sequences of n_ctx positions each in one KV allocation, decoded
+        together by SessionPool.decode (the server's continuous batching)."""
+        return SessionPool(self, n_slots, n_ctx or self.n_ctx)
+
     def _scratch_session(self, n: int) -> "Session":
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens do not fit in the context of {self.n_ctx} tokens")
@@ -342,16 +385,22 @@ class Model:
         return out
 
 
+def _kv_alloc(model: Model, lead: tuple, n_ctx: int) -> KVCache:
+    """Zeroed KV arrays [*lead, n_layers, n_ctx, n_kv_heads, head dim] in the model's
+    KV type (f16 held as its uint16 bits)."""
+    a = model.args
+    dt = np.uint16 if model.kv_type == "f16" else np.float32
+    return KVCache(k=np.zeros(lead + (a.n_layers, n_ctx, a.n_kv_heads, a.head_dim), dt),
+                   v=np.zeros(lead + (a.n_layers, n_ctx, a.n_kv_heads, a.head_dim_v), dt))
+
+
 class Session:
     """A sequence being evaluated: its own KV cache, preallocated to n_ctx."""
 
-    def __init__(self, model: Model, n_ctx: int):
-        a = model.args
+    def __init__(self, model: Model, n_ctx: int, kv: KVCache | None = None):
         self.model = model
         self.n_ctx = n_ctx
-        dt = np.uint16 if model.kv_type == "f16" else np.float32  # f16 held as its bits
-        self.kv = KVCache(k=np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim), dt),
-                          v=np.zeros((a.n_layers, n_ctx, a.n_kv_heads, a.head_dim_v), dt))
+        self.kv = kv if kv is not None else _kv_alloc(model, (), n_ctx)
         self.n_past = 0
         self._tokens: list[int] = []
         self._last_h = None  # final hidden state of the last evaluated position
@@ -410,3 +459,61 @@ class Session:
             self.rewind(1)
             self.eval([last])
         return self.model.project_out(self._last_h)[0]
+
+
+class SessionPool:
+    """Several sequences sharing one KV allocation ([n_slots, n_layers, n_ctx, ...]),
+    so that one compiled call can step all of them: llama.cpp's parallel slots.
+
+    Each of ``sessions`` is an ordinary Session over its slice of the pool (prefill
+    with eval, rewind, reset, logits as usual).  ``decode`` evaluates one token for
+    each of several of them at once: every weight block is decoded once for all
+    rows (quant.matmul_q8's multi-row path), and each row's activations are
+    rounded, attended and projected exactly as that session's own one-token eval
+    would, so a row's logits do not depend on which rows share the step."""
+
+    def __init__(self, model: Model, n_slots: int, n_ctx: int):
+        n_slots, n_ctx = int(n_slots), int(n_ctx)
+        if n_slots < 1 or n_ctx < 1:
+            raise ValueError(f"a session pool needs n_slots >= 1 and n_ctx >= 1 (got {n_slots}, {n_ctx})")
+        from .memory import check_host_memory
+        check_host_memory(model.gguf, n_slots * n_ctx, model.kv_type)
+        self.model = model
+        self.n_ctx = n_ctx
+        self.kv = _kv_alloc(model, (n_slots,), n_ctx)
+        self.sessions = [Session(model, n_ctx, KVCache(k=self.kv.k[i], v=self.kv.v[i]))
+                         for i in range(n_slots)]
+        self._slot = {id(s): i for i, s in enumerate(self.sessions)}
+
+    def decode(self, sessions, tokens) -> np.ndarray:
+        """Append tokens[i] to sessions[i] (distinct sessions of this pool), all in
+        one step; returns each one's next-token logits, float32 [len(sessions), n_vocab]."""
+        m = self.model
+        sessions = list(sessions)
+        ids = np.asarray(list(tokens), dtype=np.int64).reshape(-1)
+        if len(sessions) != ids.shape[0]:
+            raise ValueError(f"{len(sessions)} sessions but {ids.shape[0]} tokens")
+        slots = []
+        for s in sessions:
+            i = self._slot.get(id(s))
+            if i is None or self.sessions[i] is not s:
+                raise ValueError("decode takes sessions of this pool only")
+            if s.n_past + 1 > s.n_ctx:
+                raise ValueError(f"context overflow: slot {i} holds {s.n_past} of n_ctx={s.n_ctx} tokens")
+            slots.append(i)
+        if len(set(slots)) != len(slots):
+            raise ValueError("a session appears twice in one decode step")
+        out = np.empty((len(sessions), m.n_vocab), np.float32)
+        step = quant.Q8_MAX_ROWS  # rows per call that keep matmul_q8 on its per-row path
+        for a in range(0, len(sessions), step):
+            b = min(a + step, len(sessions))
+            x = np.ascontiguousarray(m.embed_tokens(ids[a:b]))
+            pos = np.array([sessions[j].n_past for j in range(a, b)], np.int64)
+            forward_rows(x, pos, np.array(slots[a:b], np.int64), m.weights, m.config, self.kv, m.inv_freq)
+            out[a:b] = m.project_out(x)
+            for j in range(a, b):
+                s = sessions[j]
+                s.n_past += 1
+                s._tokens.append(int(ids[j]))
+                s._last_h = x[j - a:j - a + 1].copy()
+        return out

@@ -1625,8 +1625,11 @@ def matmul_q8(type_id, W, X, out):
     """matmul, but products of up to Q8_MAX_ROWS rows (decode, one row per sequence)
     use 8-bit activations where the format has an integer kernel (Q4_0, Q4_1, Q5_0,
     Q5_1, Q8_0, Q4_K, Q6_K), as llama.cpp does: each row rounded and summed exactly
-    as it would be alone, each weight block unpacked once for all of them."""
-    if X.shape[0] <= FUSED_MAX_N or (X.shape[0] <= Q8_MAX_ROWS and _has_q8_dot(type_id)):
+    as it would be alone, each weight block unpacked once for all of them.  Formats
+    without one also take every row of such a product through the one-row kernel,
+    so that a row's result never depends on how many rows share the step (the
+    server's batch invariance); they decode each block once per row there."""
+    if X.shape[0] <= max(FUSED_MAX_N, Q8_MAX_ROWS):
         _matmul_fused(type_id, W, X, out, True)
     elif _has_i16(type_id) and X.shape[0] >= I16_MIN_N:
         _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:0], out[:0])
