@@ -483,6 +483,20 @@ def _ir_kvalues(builder, q):
     return vals[0]
 
 
+def _ir_kvalues_i8(builder, q):
+    """IQ4's table as int8 weights for every lane of q (<32 x i8>, 0..15): one
+    vpshufb on x86 (the 16 values in each 128-bit half), else the select tree."""
+    if _MADDUBS:
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(q.type, [q.type, q.type]),
+                                            "llvm.x86.avx2.pshuf.b")
+        return builder.call(fn, [_vc(_I8, 32, [int(v) for v in _IQ4_KVALUES] * 2), q])
+    vals = [_vc(_I8, 32, int(v)) for v in _IQ4_KVALUES]
+    for bit in range(4):
+        m = builder.icmp_unsigned("!=", builder.and_(q, _vc(_I8, 32, 1 << bit)), _vc(_I8, 32, 0))
+        vals = [builder.select(m, vals[2 * k + 1], vals[2 * k]) for k in range(len(vals) // 2)]
+    return vals[0]
+
+
 def _iq4_nl_body(builder, sp, o, dp, out):
     kv = _ir_kvalues(builder, _ir_nibbles(builder, _ir_bytes(builder, sp, o, 2, 16)))
     _ir_store(builder, dp, out, 0, builder.fmul(_ir_splat(builder, _ir_f16(builder, sp, o), 32), kv))
@@ -1228,63 +1242,86 @@ Q8_MAX_ROWS = 16
 
 
 def _rows_dot_intrinsic(unpack, dot, accs, finish):
-    """An intrinsic f(w, xq[R, c], xd[R, c/bs], xs16[R, c/16], nb, out[R]) writing
-    out[r] = the dot of weight row w (nb blocks) with activation row
-    r, R <= Q8_MAX_ROWS.  accs: [(llvm type, init constant)] per row; dot(builder, st,
-    i, xp, xdp, xsp) returns one value to add to each; finish(builder, values) -> f32."""
+    """An intrinsic f(W, i0, i1, xq[R, c], xd[R, c/bs], xs16[R, c/16], nb, out) writing
+    out[r, i] = the dot of weight row W[i] (nb blocks) with activation row r, for
+    every i0 <= i < i1 and r < R <= Q8_MAX_ROWS.  The loop over weight rows is part
+    of the kernel: a numba call per row (views, reference counts, the call) cost as
+    much as the 28 blocks of a 896-wide row.  accs: [(llvm type, init constant)] per
+    row; dot(builder, st, i, xp, xdp, xsp) returns one value to add to each;
+    finish(builder, values) -> f32."""
 
     @intrinsic
-    def rows_dot(typingctx, w, xq, xd, xs16, nb, out):
-        sig = types.none(w, xq, xd, xs16, nb, out)
+    def rows_dot(typingctx, W, i0, i1, xq, xd, xs16, nb, out):
+        sig = types.none(W, i0, i1, xq, xd, xs16, nb, out)
 
         def codegen(context, builder, signature, args):
-            wa, xa, xda, xsa, nb_, oa = args
+            wa, i0_, i1_, xa, xda, xsa, nb_, oa = args
             aty = signature.args
             i8, i32, i64, f32 = llir.IntType(8), llir.IntType(32), llir.IntType(64), llir.FloatType()
-            wp = _ir_data(context, builder, aty[0], wa, i8)
-            xp0 = _ir_data(context, builder, aty[1], xa, i8)
-            xdp0 = _ir_data(context, builder, aty[2], xda, f32)
-            xsp0 = _ir_data(context, builder, aty[3], xsa, i32)
-            op = _ir_data(context, builder, aty[5], oa, f32)
+            w_arr = context.make_array(aty[0])(context, builder, wa)
+            o_arr = context.make_array(aty[7])(context, builder, oa)
+            wp0 = builder.bitcast(w_arr.data, i8.as_pointer())
+            op0 = builder.bitcast(o_arr.data, i8.as_pointer())
+            w_stride = cgutils.unpack_tuple(builder, w_arr.strides, 2)[0]
+            o_strides = cgutils.unpack_tuple(builder, o_arr.strides, 2)
+            xp0 = _ir_data(context, builder, aty[3], xa, i8)
+            xdp0 = _ir_data(context, builder, aty[4], xda, f32)
+            xsp0 = _ir_data(context, builder, aty[5], xsa, i32)
 
             def row_len(k, a):
                 return cgutils.unpack_tuple(builder, context.make_array(aty[k])(context, builder, a).shape, 2)
 
-            n_rows, x_len = row_len(1, xa)
-            _, xd_len = row_len(2, xda)
-            _, xs_len = row_len(3, xsa)
-            n = builder.sext(nb_, i64) if nb_.type.width < 64 else nb_
+            def as_i64(v):
+                return builder.sext(v, i64) if v.type.width < 64 else v
+
+            n_rows, x_len = row_len(3, xa)
+            _, xd_len = row_len(4, xda)
+            _, xs_len = row_len(5, xsa)
+            n = as_i64(nb_)
+            lo, hi = as_i64(i0_), as_i64(i1_)
+
+            def out_ptr(r, i):
+                off = builder.add(builder.mul(r, o_strides[0]), builder.mul(i, o_strides[1]))
+                return builder.bitcast(builder.gep(op0, [off]), f32.as_pointer())
+
             one = builder.icmp_signed("==", n_rows, llir.Constant(n_rows.type, 1))
             with builder.if_else(one) as (single, several):
                 with single:
                     # One row (token-by-token decode): the same operations, with the
                     # accumulators in registers (a row-indexed stack array costs
                     # 30 % on short legacy blocks).
-                    regs = [cgutils.alloca_once_value(builder, init) for _, init in accs]
-                    with cgutils.for_range(builder, n) as blk:
-                        i = blk.index
-                        st = unpack(builder, i, wp)
-                        for slot, v in zip(regs, dot(builder, st, i, xp0, xdp0, xsp0)):
-                            builder.store(builder.fadd(builder.load(slot), v), slot)
-                    builder.store(finish(builder, [builder.load(slot) for slot in regs]), op)
+                    regs = [cgutils.alloca_once(builder, ty) for ty, _ in accs]
+                    with cgutils.for_range_slice(builder, lo, hi, llir.Constant(i64, 1)) as (wi, _):
+                        wp = builder.gep(wp0, [builder.mul(wi, w_stride)])
+                        for slot, (_, init) in zip(regs, accs):
+                            builder.store(init, slot)
+                        with cgutils.for_range(builder, n) as blk:
+                            i = blk.index
+                            st = unpack(builder, i, wp)
+                            for slot, v in zip(regs, dot(builder, st, i, xp0, xdp0, xsp0)):
+                                builder.store(builder.fadd(builder.load(slot), v), slot)
+                        builder.store(finish(builder, [builder.load(slot) for slot in regs]),
+                                      out_ptr(llir.Constant(i64, 0), wi))
                 with several:
                     slots = [cgutils.alloca_once(builder, ty, size=llir.Constant(i32, Q8_MAX_ROWS)) for ty, _ in accs]
-                    with cgutils.for_range(builder, n_rows) as r:
-                        for slot, (_, init) in zip(slots, accs):
-                            builder.store(init, builder.gep(slot, [r.index]))
-                    with cgutils.for_range(builder, n) as blk:
-                        i = blk.index
-                        st = unpack(builder, i, wp)
+                    with cgutils.for_range_slice(builder, lo, hi, llir.Constant(i64, 1)) as (wi, _):
+                        wp = builder.gep(wp0, [builder.mul(wi, w_stride)])
                         with cgutils.for_range(builder, n_rows) as r:
-                            xp = builder.gep(xp0, [builder.mul(r.index, x_len)])
-                            xdp = builder.gep(xdp0, [builder.mul(r.index, xd_len)])
-                            xsp = builder.gep(xsp0, [builder.mul(r.index, xs_len)])
-                            for slot, v in zip(slots, dot(builder, st, i, xp, xdp, xsp)):
-                                ptr = builder.gep(slot, [r.index])
-                                builder.store(builder.fadd(builder.load(ptr), v), ptr)
-                    with cgutils.for_range(builder, n_rows) as r:
-                        vals = [builder.load(builder.gep(slot, [r.index])) for slot in slots]
-                        builder.store(finish(builder, vals), builder.gep(op, [r.index]))
+                            for slot, (_, init) in zip(slots, accs):
+                                builder.store(init, builder.gep(slot, [r.index]))
+                        with cgutils.for_range(builder, n) as blk:
+                            i = blk.index
+                            st = unpack(builder, i, wp)
+                            with cgutils.for_range(builder, n_rows) as r:
+                                xp = builder.gep(xp0, [builder.mul(r.index, x_len)])
+                                xdp = builder.gep(xdp0, [builder.mul(r.index, xd_len)])
+                                xsp = builder.gep(xsp0, [builder.mul(r.index, xs_len)])
+                                for slot, v in zip(slots, dot(builder, st, i, xp, xdp, xsp)):
+                                    ptr = builder.gep(slot, [r.index])
+                                    builder.store(builder.fadd(builder.load(ptr), v), ptr)
+                        with cgutils.for_range(builder, n_rows) as r:
+                            vals = [builder.load(builder.gep(slot, [r.index])) for slot in slots]
+                            builder.store(finish(builder, vals), out_ptr(as_i64(r.index), wi))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1301,28 +1338,77 @@ def _kdot_intrinsic(unpack, dot):
                                lambda builder, vals: vals[0])
 
 
-def _q4_k_unpack(builder, i, wp):
-    # Q4_K (layout at _dec_q4_k): qs bytes 0-31 hold sub-blocks 0 (low nibbles)
-    # and 1 (high), bytes 32-63 sub-blocks 2 and 3, ...  A 64-byte load's low
-    # nibbles are sub-blocks (0 | 2), its high nibbles (1 | 3): the activations
-    # are rearranged to match and the scales spread over lanes 0-7 and 8-15.
-    i32 = llir.IntType(32)
-    v64 = llir.VectorType(llir.IntType(8), 64)
-    o = builder.mul(i, _c64(144))
+def _k4_unpack(five):
+    """Q4_K (five False) or Q5_K unpack.  Q4_K (layout at _dec_q4_k): qs bytes 0-31
+    hold sub-blocks 0 (low nibbles) and 1 (high), bytes 32-63 sub-blocks 2 and 3, ...
+    A 64-byte load's low nibbles are sub-blocks (0 | 2), its high nibbles (1 | 3):
+    the activations are rearranged to match and the scales spread over lanes 0-7
+    and 8-15.  Q5_K is the same block with qs 32 bytes later and a fifth bit per
+    weight: bit 2j (low nibbles of group j) / 2j + 1 (high) of qh[l], l < 32 the
+    lane within the group, adds 16 (q <= 31, still a valid unsigned operand)."""
+    bsz, qs_off = (176, 48) if five else (144, 16)
+
+    def unpack(builder, i, wp):
+        i32 = llir.IntType(32)
+        v64 = llir.VectorType(llir.IntType(8), 64)
+        o = builder.mul(i, _c64(bsz))
+        d = _ir_f16(builder, wp, o)
+        dmin = _ir_f16(builder, wp, builder.add(o, _c64(2)))
+        sc, mi = _ir_k_scale_bytes(builder, wp, o)
+        sc8 = builder.zext(sc, llir.VectorType(i32, 8))
+        mi8 = builder.zext(mi, llir.VectorType(i32, 8))
+        fifteen = llir.Constant(v64, [15] * 64)
+        four = llir.Constant(v64, [4] * 64)
+        if five:
+            qh = _ir_vload(builder, wp, builder.add(o, _c64(16)), llir.VectorType(llir.IntType(8), 32), 1)
+            qh64 = builder.shuffle_vector(qh, qh, _vc(_I32, 64, [lane % 32 for lane in range(64)]))
+        nibs = []
+        for h in range(2):
+            a = _ir_vload(builder, wp, builder.add(o, _c64(qs_off + 64 * h)), v64, 1)
+            for s, nib in enumerate((builder.and_(a, fifteen), builder.lshr(a, four))):
+                if five:
+                    bit = _vc(_I8, 64, [1 << (4 * h + 2 * (lane // 32) + s) for lane in range(64)])
+                    on = builder.icmp_unsigned("!=", builder.and_(qh64, bit), _vc(_I8, 64, 0))
+                    nib = builder.or_(nib, builder.select(on, _vc(_I8, 64, 16), _vc(_I8, 64, 0)))
+                j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
+                nibs.append((h, s, nib, _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)))
+        return d, dmin, mi8, nibs
+
+    return unpack
+
+
+def _iq4_xs_unpack(builder, i, wp):
+    # IQ4_XS (layout at _dec_iq4_xs): 8 sub-blocks of 32, each a 6-bit scale minus
+    # 32 and 16 bytes of nibbles (low: weights 0-15, high: 16-31) into the table.
+    o = builder.mul(i, _c64(136))
     d = _ir_f16(builder, wp, o)
-    dmin = _ir_f16(builder, wp, builder.add(o, _c64(2)))
-    sc, mi = _ir_k_scale_bytes(builder, wp, o)
-    sc8 = builder.zext(sc, llir.VectorType(i32, 8))
-    mi8 = builder.zext(mi, llir.VectorType(i32, 8))
-    fifteen = llir.Constant(v64, [15] * 64)
-    four = llir.Constant(v64, [4] * 64)
-    nibs = []
-    for h in range(2):
-        a = _ir_vload(builder, wp, builder.add(o, _c64(16 + 64 * h)), v64, 1)
-        for s, nib in enumerate((builder.and_(a, fifteen), builder.lshr(a, four))):
-            j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
-            nibs.append((h, s, nib, _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)))
-    return d, dmin, mi8, nibs
+    sh = builder.zext(builder.load(builder.bitcast(builder.gep(wp, [builder.add(o, _c64(2))]), _I16.as_pointer()),
+                                   align=1), _I32)
+    subs = []
+    for j in range(8):
+        sl = builder.zext(builder.load(builder.gep(wp, [builder.add(o, _c64(4 + j // 2))])), _I32)
+        lo = builder.and_(builder.lshr(sl, llir.Constant(_I32, 4 * (j & 1))), llir.Constant(_I32, 15))
+        hi = builder.and_(builder.lshr(sh, llir.Constant(_I32, 2 * j)), llir.Constant(_I32, 3))
+        ls = builder.sub(builder.or_(lo, builder.shl(hi, llir.Constant(_I32, 4))), llir.Constant(_I32, 32))
+        q = _ir_kvalues_i8(builder, _ir_nibbles(builder, _ir_vload(
+            builder, wp, builder.add(o, _c64(8 + 16 * j)), llir.VectorType(_I8, 16), 1)))
+        subs.append((_ir_abs_i8(builder, q), q, _ir_splat(builder, ls, 8)))
+    return d, subs
+
+
+def _iq4_xs_dot(builder, st, i, xp, xdp, xsp):
+    # sum_j (sc_j - 32) * sum(kv[q] * x) in int32 (|kv|, |x| <= 127), then d * xd.
+    d, subs = st
+    v8 = llir.VectorType(_I32, 8)
+    v32 = llir.VectorType(_I8, 32)
+    xo = builder.mul(i, _c64(256))
+    zero = llir.Constant(v8, [0] * 8)
+    tot = zero
+    for j, (u, q, ls) in enumerate(subs):
+        x = _ir_sign_i8(builder, _ir_vload(builder, xp, builder.add(xo, _c64(32 * j)), v32, 1), q)
+        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u, x), ls))
+    xd = builder.load(builder.gep(xdp, [i]))
+    return builder.fmul(builder.fmul(d, xd), builder.sitofp(_ir_reduce_add(builder, tot), _F32))
 
 
 _Q4K_X_IDX = (list(range(32)) + list(range(64, 96)), list(range(32, 64)) + list(range(96, 128)))
@@ -1385,18 +1471,39 @@ def _q6_k_dot(builder, st, i, xp, xdp, xsp):
     return builder.fmul(builder.fmul(d, xd), builder.sitofp(isum, f32))
 
 
+def _ir_abs_i8(builder, q):
+    """|q| of <32 x i8>; -128 stays 0x80, which the unsigned operand reads as 128."""
+    fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(q.type, [q.type, llir.IntType(1)]),
+                                        "llvm.abs.v32i8")
+    return builder.call(fn, [q, llir.Constant(llir.IntType(1), 0)])
+
+
+def _ir_sign_i8(builder, x, q):
+    """x with the sign of q lane by lane (0 where q is 0): vpsignb on x86, else a
+    select (lanes where q is 0 meet |q| = 0, so either value is right there)."""
+    if _MADDUBS:
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(x.type, [x.type, x.type]),
+                                            "llvm.x86.avx2.psign.b")
+        return builder.call(fn, [x, q])
+    neg = builder.icmp_signed("<", q, _vc(_I8, 32, 0))
+    return builder.select(neg, builder.sub(_vc(_I8, 32, 0), x), x)
+
+
 def _legacy_dot_intrinsic(kind):
-    """Whole-row dots of a legacy-format row (kind q4_0, q4_1, q5_0, q5_1 or q8_0)
+    """Whole-row dots of a legacy-format row (kind q4_0, q4_1, q5_0, q5_1, q8_0 or
+    iq4_nl, whose nibbles look up int8 weights in IQ4's table)
     with int8 activation blocks of 32.  Per block the 32 integer products go
     through one u8 x s8 dot-of-four (8 int32 lanes), whose lanes are scaled by
     d * xd and added to a vector float accumulator: one horizontal sum per row,
-    not per block.  Q4_0/Q5_0's offset and Q4_1/Q5_1's minimum use the blocks'
-    activation sums (in int32 / float32); Q8_0's signed weights meet the
-    unsigned operand as |w| against sign(w) * x (|x| <= 127, so no overflow)."""
-    bsz = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}[kind]
-    qoff = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q8_0": 2}[kind]
+    not per block.  Q4_0 / Q5_0 / Q8_0 weights are signed (q - 8, q - 16, q): they
+    and IQ4_NL's table values meet the unsigned operand as |w| against sign(w) * x (|x| <= 127, so no
+    overflow), two instructions (vpabsb once per block, vpsignb per row), as
+    ggml's mul_sum_i8_pairs does.  Q4_1 / Q5_1 weights are unsigned (0..31) and
+    their minimums use the activation blocks' sums (Q8_1's fp16 s)."""
+    bsz = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, "iq4_nl": 18}[kind]
+    qoff = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q8_0": 2, "iq4_nl": 2}[kind]
     qhoff = {"q5_0": 2, "q5_1": 4}.get(kind)  # the u32 of 5th bits
-    offset = {"q4_0": 8, "q5_0": 16}.get(kind)  # w = d * (q - offset)
+    signed = kind in ("q4_0", "q5_0", "q8_0", "iq4_nl")
     has_min = kind in ("q4_1", "q5_1")          # w = d * q + m
     i8, i32, f32 = llir.IntType(8), llir.IntType(32), llir.FloatType()
     v32 = llir.VectorType(i8, 32)
@@ -1405,34 +1512,29 @@ def _legacy_dot_intrinsic(kind):
 
     def unpack(builder, i, wp):
         o = builder.mul(i, _c64(bsz))
-        neg = None
         if kind == "q8_0":
             q = _ir_vload(builder, wp, builder.add(o, _c64(qoff)), v32, 1)
-            neg = builder.icmp_signed("<", q, llir.Constant(v32, [0] * 32))
-            u = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), q), q)
         else:
-            u = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, _c64(qoff)), llir.VectorType(i8, 16), 1))
-        if qhoff is not None:  # Q5: bit j of qh is bit 4 of weight j (q <= 31 fits a u8)
-            u = builder.or_(u, _ir_bit_bytes(builder, wp, o, qhoff, 16))
+            q = _ir_nibbles(builder, _ir_vload(builder, wp, builder.add(o, _c64(qoff)), llir.VectorType(i8, 16), 1))
+        if kind == "q4_0":
+            q = builder.sub(q, _vc(_I8, 32, 8))
+        elif kind == "iq4_nl":  # nibbles index the non-linear table (int8 values)
+            q = _ir_kvalues_i8(builder, q)
+        elif kind == "q5_0":  # bit j of qh is bit 4 of weight j: q - 16 = nibble | (0xF0 where it is clear)
+            q = builder.or_(q, builder.xor(_ir_bit_bytes(builder, wp, o, qhoff, -16), _vc(_I8, 32, -16)))
+        elif qhoff is not None:  # Q5_1: the 5th bit sets 16 (q <= 31 fits a u8)
+            q = builder.or_(q, _ir_bit_bytes(builder, wp, o, qhoff, 16))
+        u = _ir_abs_i8(builder, q) if signed else q
         d = _ir_f16(builder, wp, o)
         m = _ir_f16(builder, wp, builder.add(o, _c64(2))) if has_min else None
-        return u, neg, d, m
+        return u, q, d, m
 
     def dot(builder, st, i, xp, xdp, xsp):
-        u, neg, d, m = st
+        u, q, d, m = st
         x = _ir_vload(builder, xp, builder.mul(i, _c64(32)), v32, 1)
-        if neg is not None:
-            x = builder.select(neg, builder.sub(llir.Constant(v32, [0] * 32), x), x)
+        if signed:
+            x = _ir_sign_i8(builder, x, q)
         v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
-        xs32 = None
-        if offset is not None:  # xs: int32 sums of 16
-            s0 = builder.load(builder.gep(xsp, [builder.mul(i, _c64(2))]))
-            s1 = builder.load(builder.gep(xsp, [builder.add(builder.mul(i, _c64(2)), _c64(1))]))
-            xs32 = builder.add(s0, s1)
-        if offset is not None:  # sum((q - c) * x) = sum(q * x) - c * sum(x), in lane 0
-            v = builder.sub(v, builder.insert_element(
-                llir.Constant(v8i, [0] * 8), builder.mul(xs32, llir.Constant(i32, offset)),
-                llir.Constant(i32, 0)))
         xdi = builder.load(builder.gep(xdp, [i]))
         vec = builder.fmul(builder.sitofp(v, v8f), _ir_splat(builder, builder.fmul(d, xdi), 8))
         if not has_min:
@@ -1456,7 +1558,10 @@ _qdot_q4_1 = _legacy_dot_intrinsic("q4_1")
 _qdot_q5_0 = _legacy_dot_intrinsic("q5_0")
 _qdot_q5_1 = _legacy_dot_intrinsic("q5_1")
 _qdot_q8_0 = _legacy_dot_intrinsic("q8_0")
-_qdot_q4_k = _kdot_intrinsic(_q4_k_unpack, _q4_k_dot)
+_qdot_iq4_nl = _legacy_dot_intrinsic("iq4_nl")
+_qdot_iq4_xs = _kdot_intrinsic(_iq4_xs_unpack, _iq4_xs_dot)
+_qdot_q4_k = _kdot_intrinsic(_k4_unpack(False), _q4_k_dot)
+_qdot_q5_k = _kdot_intrinsic(_k4_unpack(True), _q4_k_dot)  # same dot: 5-bit q, same scales
 _qdot_q6_k = _kdot_intrinsic(_q6_k_unpack, _q6_k_dot)
 
 
@@ -1464,29 +1569,36 @@ _qdot_q6_k = _kdot_intrinsic(_q6_k_unpack, _q6_k_dot)
 def _has_q8_dot(type_id):
     return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
             or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
-            or type_id == GGML_Q6_K)
+            or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_NL
+            or type_id == GGML_IQ4_XS)
 
 
 @njit(cache=True, inline="always")
-def _rows_dot_q8(type_id, w, a32, ak, nb, out):
-    """out[r] = weight row w . activation row r, for every row of a32 / ak (x as int8
-    blocks of 32 / 256: xq, xd, xs16, see _activation_q8)."""
+def _rows_dot_q8(type_id, W, i0, i1, a32, ak, nb, out):
+    """out[r, i] = weight row W[i] . activation row r for i0 <= i < i1 and every row
+    of a32 / ak (x as int8 blocks of 32 / 256: xq, xd, xs16, see _activation_q8)."""
     if type_id == GGML_Q4_K:
-        _qdot_q4_k(w, ak[0], ak[1], ak[2], nb, out)
+        _qdot_q4_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
+    elif type_id == GGML_Q5_K:
+        _qdot_q5_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
+    elif type_id == GGML_IQ4_XS:
+        _qdot_iq4_xs(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
     elif type_id == GGML_Q6_K:
-        _qdot_q6_k(w, ak[0], ak[1], ak[2], nb, out)
+        _qdot_q6_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
     else:
         xq, xd, xs16, xsd = a32
         if type_id == GGML_Q4_0:
-            _qdot_q4_0(w, xq, xd, xs16, nb, out)
+            _qdot_q4_0(W, i0, i1, xq, xd, xs16, nb, out)
         elif type_id == GGML_Q8_0:
-            _qdot_q8_0(w, xq, xd, xs16, nb, out)
+            _qdot_q8_0(W, i0, i1, xq, xd, xs16, nb, out)
         elif type_id == GGML_Q5_0:
-            _qdot_q5_0(w, xq, xd, xs16, nb, out)
+            _qdot_q5_0(W, i0, i1, xq, xd, xs16, nb, out)
+        elif type_id == GGML_IQ4_NL:
+            _qdot_iq4_nl(W, i0, i1, xq, xd, xs16, nb, out)
         elif type_id == GGML_Q5_1:
-            _qdot_q5_1(w, xq, xd, xsd, nb, out)  # minimums take Q8_1's s
+            _qdot_q5_1(W, i0, i1, xq, xd, xsd, nb, out)  # minimums take Q8_1's s
         else:
-            _qdot_q4_1(w, xq, xd, xsd, nb, out)
+            _qdot_q4_1(W, i0, i1, xq, xd, xsd, nb, out)
 
 
 # ---------------------------------------------------------------------------
@@ -1624,7 +1736,7 @@ def matmul(type_id, W, X, out):
 def matmul_q8(type_id, W, X, out):
     """matmul, but products of up to Q8_MAX_ROWS rows (decode, one row per sequence)
     use 8-bit activations where the format has an integer kernel (Q4_0, Q4_1, Q5_0,
-    Q5_1, Q8_0, Q4_K, Q6_K), as llama.cpp does: each row rounded and summed exactly
+    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), as llama.cpp does: each row rounded and summed exactly
     as it would be alone, each weight block unpacked once for all of them.  Formats
     without one also take every row of such a product through the one-row kernel,
     so that a row's result never depends on how many rows share the step (the
@@ -1656,7 +1768,8 @@ def _activation_q8(X, cols, bs):
 
 @njit(cache=True, inline="always")
 def _is_k(type_id):
-    return type_id == GGML_Q4_K or type_id == GGML_Q6_K
+    """Formats whose int8 dots take activations in blocks of 256 (ggml's Q8_K)."""
+    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_XS
 
 
 # A fixed task count (not get_num_threads(), which would stop numba caching these
@@ -1694,14 +1807,11 @@ def _matmul_fused(type_id, W, X, out, act_q8):
     n_tasks = min(rows, _N_TASKS)
     bounds = _shares(n_tasks, rows)
     for t in prange(n_tasks):
-        col = np.empty(Q8_MAX_ROWS, np.float32)  # one weight row against every x row
+        if q8:
+            _rows_dot_q8(type_id, W, bounds[t], bounds[t + 1], a32, ak, nb, out)
+            continue
         for i in range(bounds[t], bounds[t + 1]):
             w = W[i]
-            if q8:
-                _rows_dot_q8(type_id, w, a32, ak, nb, col)
-                for r in range(n):
-                    out[r, i] = col[r]
-                continue
             for r in range(n):
                 out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
 
@@ -1893,8 +2003,10 @@ _min_tile = _min_tile_intrinsic(_I16_T)
 
 @njit(cache=True, inline="always")
 def _has_i16(type_id):
-    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q8_0
-            or type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q6_K)
+    return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
+            or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
+            or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_NL
+            or type_id == GGML_IQ4_XS)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -1964,7 +2076,40 @@ def _q6_k_body16(builder, sp, o, dp, out):
             _ir_vstore(builder, v, dp, builder.add(out, _c64(128 * h + 64 * s_)), 2)
 
 
+def _q5_body16(signed):
+    """Q5_0 (signed: q - 16) / Q5_1: the 4 low bits from qs, the 5th from qh."""
+    qoff, qhoff = (6, 2) if signed else (8, 4)
+
+    def body(builder, sp, o, dp, out):
+        q = builder.or_(_ir_nibbles(builder, _ir_bytes(builder, sp, o, qoff, 16)),
+                        _ir_bit_bytes(builder, sp, o, qhoff, 16))
+        q = builder.zext(q, llir.VectorType(_I16, 32))
+        if signed:
+            q = builder.sub(q, _vc(_I16, 32, 16))
+        _ir_vstore(builder, q, dp, out, 2)
+
+    return body
+
+
+def _iq4_nl_body16(builder, sp, o, dp, out):
+    q = _ir_kvalues_i8(builder, _ir_nibbles(builder, _ir_bytes(builder, sp, o, 2, 16)))
+    _ir_vstore(builder, builder.sext(q, llir.VectorType(_I16, 32)), dp, out, 2)
+
+
+def _iq4_xs_body16(builder, sp, o, dp, out):
+    """(sc_j - 32) * KVALUES[q] per sub-block j: |w| <= 32 * 127 = 4064 < 4096."""
+    _, subs = _iq4_xs_unpack(builder, llir.Constant(_I64, 0), builder.gep(sp, [o]))
+    for j, (_, q, ls) in enumerate(subs):
+        ls16 = builder.trunc(_ir_lanes(builder, ls, [0] * 32), llir.VectorType(_I16, 32))
+        v = builder.mul(builder.sext(q, llir.VectorType(_I16, 32)), ls16)
+        _ir_vstore(builder, v, dp, builder.add(out, _c64(32 * j)), 2)
+
+
 _d16_q4_0 = _ir_decoder(18, 32, _q4_0_body16, _I16)
+_d16_q5_0 = _ir_decoder(22, 32, _q5_body16(True), _I16)
+_d16_q5_1 = _ir_decoder(24, 32, _q5_body16(False), _I16)
+_d16_iq4_nl = _ir_decoder(18, 32, _iq4_nl_body16, _I16)
+_d16_iq4_xs = _ir_decoder(136, 256, _iq4_xs_body16, _I16)
 _d16_q4_1 = _ir_decoder(20, 32, _q4_1_body16, _I16)
 _d16_q8_0 = _ir_decoder(34, 32, _q8_0_body16, _I16)
 _d16_q4_k = _ir_decoder(144, 256, _k_body16(False), _I16)
@@ -2024,6 +2169,9 @@ def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
     elif type_id == GGML_Q6_K:
         dsc[0, a] = _f16(w, (c0 // 256) * 210 + 208)
         _d16_q6_k(w, c0 // 256, 1, tmp, o)
+    elif type_id == GGML_IQ4_XS:
+        dsc[0, a] = _f16(w, (c0 // 256) * 136)
+        _d16_iq4_xs(w, c0 // 256, 1, tmp, o)
     else:  # legacy blocks of 32
         b0 = c0 // 32
         nb = m // 32
@@ -2036,6 +2184,19 @@ def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
                 dsc[b, a] = _f16(w, (b0 + b) * 20)
                 mn[2 * b, a] = mn[2 * b + 1, a] = _f16(w, (b0 + b) * 20 + 2)
             _d16_q4_1(w, b0, nb, tmp, o)
+        elif type_id == GGML_Q5_0:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 22)
+            _d16_q5_0(w, b0, nb, tmp, o)
+        elif type_id == GGML_Q5_1:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 24)
+                mn[2 * b, a] = mn[2 * b + 1, a] = _f16(w, (b0 + b) * 24 + 2)
+            _d16_q5_1(w, b0, nb, tmp, o)
+        elif type_id == GGML_IQ4_NL:
+            for b in range(nb):
+                dsc[b, a] = _f16(w, (b0 + b) * 18)
+            _d16_iq4_nl(w, b0, nb, tmp, o)
         else:
             for b in range(nb):
                 dsc[b, a] = _f16(w, (b0 + b) * 18)
@@ -2044,7 +2205,7 @@ def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
 
 @njit(cache=True, inline="always")
 def _has_min(type_id):
-    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1
+    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1 or type_id == GGML_Q5_1
 
 
 @njit(cache=True, fastmath=_FM)

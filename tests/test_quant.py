@@ -220,7 +220,7 @@ def _q8_model(W, tid, x):
     """float64 model of the int8 product W . x as ggml computes it: x in int8 blocks
     (of 256 for k-quants, Q8_K; of 32 for the legacy formats, Q8_0 / Q8_1), the Q4_1 /
     Q5_1 minimums multiplied by Q8_1's fp16 s instead of d * sum(q)."""
-    bs = 256 if tid in (quant.GGML_Q4_K, quant.GGML_Q6_K) else 32
+    bs = 256 if quant._is_k(tid) else 32
     qx, d, s = _q8_blocks(x, bs, with_s=True)
     Wd = _ref(W, tid).astype(np.float64)
     model = Wd @ (qx * d[:, None].astype(np.float64)).reshape(-1)
@@ -321,7 +321,8 @@ def test_matmul_q8_prefill_path(tid):
 Q8_KERNELS = {quant.GGML_Q4_0: quant._qdot_q4_0, quant.GGML_Q4_1: quant._qdot_q4_1,
               quant.GGML_Q5_0: quant._qdot_q5_0, quant.GGML_Q5_1: quant._qdot_q5_1,
               quant.GGML_Q8_0: quant._qdot_q8_0, quant.GGML_Q4_K: quant._qdot_q4_k,
-              quant.GGML_Q6_K: quant._qdot_q6_k}
+              quant.GGML_Q5_K: quant._qdot_q5_k, quant.GGML_Q6_K: quant._qdot_q6_k,
+              quant.GGML_IQ4_NL: quant._qdot_iq4_nl, quant.GGML_IQ4_XS: quant._qdot_iq4_xs}
 
 
 @pytest.mark.parametrize("tid", sorted(Q8_KERNELS), ids=NAMES.get)
@@ -348,9 +349,9 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
 
     def build():
         def one(w, xq, xd, xs):
-            out = np.empty(1, np.float32)
-            kernel(w, xq.reshape((1, -1)), xd.reshape((1, -1)), xs.reshape((1, -1)), nb, out)
-            return out[0]
+            out = np.empty((1, 1), np.float32)
+            kernel(w.reshape((1, -1)), 0, 1, xq.reshape((1, -1)), xd.reshape((1, -1)), xs.reshape((1, -1)), nb, out)
+            return out[0, 0]
         return njit(one)
 
     branches = [(False, False)]  # plain IR
