@@ -37,6 +37,9 @@ class Family:
     embed_scale: bool = False      # token embeddings times sqrt(d_model)
     swa_period: int = 0            # sliding window on layers l with l % p < p - 1 (0: none)
     rope_base_local: float = 0.0   # RoPE base of sliding-window layers (0: rope.freq_base)
+    # llama.cpp model types (by layer count) whose scores are scaled by 1/sqrt(d / heads)
+    # instead of 1/sqrt(head dim): Gemma 3 27B's query_pre_attn_scalar (gemma_pytorch's config)
+    attn_scale_d_per_head_layers: tuple = ()
     runs: bool = True              # the engine computes it (else: planner and info only)
 
 
@@ -44,10 +47,11 @@ FAMILIES = {
     "llama": Family("llama"),
     "qwen2": Family("qwen2", rope_style="neox", qkv_bias=True),
     "qwen3": Family("qwen3", rope_style="neox", qk_norm=True),
-    # llama.cpp's gemma3: not computed by this engine yet; the planner sizes its
-    # sliding-window cache from this row.
+    # llama.cpp's gemma3 (llama-model.cpp, models/gemma3.cpp): 5 sliding-window layers
+    # then one global, local layers rotate with base 10000 (and no RoPE scaling).
     "gemma3": Family("gemma3", rope_style="neox", qk_norm=True, ffn_act="gelu_tanh", post_norms=True,
-                     embed_scale=True, swa_period=6, rope_base_local=10000.0, runs=False),
+                     embed_scale=True, swa_period=6, rope_base_local=10000.0,
+                     attn_scale_d_per_head_layers=(62,)),
     "gemma2": Family("gemma2", rope_style="neox", ffn_act="gelu_tanh", post_norms=True,
                      embed_scale=True, swa_period=2, runs=False),
     "cohere2": Family("cohere2", swa_period=4, runs=False),
@@ -138,6 +142,7 @@ class HParams:
     rope_scaling: str = "none"
     n_rot: int = 0               # rotated dimensions per head (0: head_dim)
     rms_eps: float = 1e-5
+    attn_scale: float = 0.0      # softmax(q.k * attn_scale) (0: 1/sqrt(head_dim))
     family: Family = field(default_factory=lambda: FAMILIES["llama"])
 
     def __post_init__(self):
@@ -145,6 +150,12 @@ class HParams:
             self.head_dim_v = self.head_dim
         if not self.n_rot:
             self.n_rot = self.head_dim
+        if not self.attn_scale:
+            self.attn_scale = 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def n_swa_layers(self) -> int:
+        return sum(self.swa_layers)
 
     def kv_heads(self, il: int) -> int:
         return self.n_kv_heads_per_layer[il] if self.n_kv_heads_per_layer else self.n_kv_heads
@@ -293,6 +304,11 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
     base = r.float("rope.freq_base", 10000.0)
     n_ctx_train = r.int("context_length", default=0, lo=0, hi=MAX_CTX) or 0
     n_swa = r.int("attention.sliding_window", default=0, lo=0, hi=MAX_CTX) or 0
+    if for_engine and fam.swa_period and not n_swa:
+        # the local layers' window: without it llama.cpp builds another graph
+        # (no sliding window, final-logit softcapping) that this engine does not
+        raise ValueError(f"{r.where('attention.sliding_window')} is missing or 0: {arch} needs the "
+                         f"window of its sliding-window layers")
 
     scaling = r.str("rope.scaling.type", "none")
     freq_scale = 1.0
@@ -316,6 +332,9 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
     if n_swa and fam.swa_period:
         p = fam.swa_period
         swa_layers = tuple(il % p < p - 1 for il in range(n_layers))
+    attn_scale = 1.0 / math.sqrt(hd)
+    if n_layers in fam.attn_scale_d_per_head_layers:
+        attn_scale = 1.0 / math.sqrt(d // n_heads)
     name = g.get("general.name")
     return HParams(
         name=name if isinstance(name, str) else arch, n_layers=n_layers, d_model=d, n_heads=n_heads,
@@ -325,7 +344,8 @@ def from_gguf(g, *, for_engine: bool = False) -> HParams:
         n_swa=n_swa, swa_layers=swa_layers, n_kv_heads_per_layer=kv_pl, ffn_dim_per_layer=ffn_pl,
         n_heads_per_layer=heads_pl,
         arch=arch, rope_style=fam.rope_style, rope_base=base, rope_base_local=fam.rope_base_local,
-        rope_freq_scale=freq_scale, rope_scaling=scaling, n_rot=n_rot, rms_eps=eps, family=fam)
+        rope_freq_scale=freq_scale, rope_scaling=scaling, n_rot=n_rot, rms_eps=eps,
+        attn_scale=attn_scale, family=fam)
 
 
 def _vocab_size(g, r: _Reader, d: int, strict: bool) -> int:

@@ -22,7 +22,7 @@ import sys
 import time
 
 from .cli import CLIError
-from .generate import Timings, load_model, stream_reply
+from .generate import Timings, cut_short_message, load_model, stream_reply
 from .sampling import Sampler, SamplerParams
 
 __all__ = ["ChatSession", "cli_chat", "DEFAULT_MODEL"]
@@ -73,12 +73,14 @@ class ChatSession:
     them)."""
 
     def __init__(self, model, *, system: str | None = None, params: SamplerParams | None = None,
-                 n_predict: int = -1, notify=None):
+                 n_predict: int = -1, notify=None, constraint=None):
         self.model = model
         self.tokenizer = model.tokenizer
         self.n_ctx = model.n_ctx
         self.system = system
-        self.sampler = Sampler(params or SamplerParams())
+        # a constraint (runtime.constraint) holds every reply to a schema or grammar
+        self.constraint = constraint
+        self.sampler = Sampler(params or SamplerParams(), constraint=constraint)
         self.n_predict = n_predict
         self.notify = notify or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.template = model.gguf.get("tokenizer.chat_template")
@@ -155,6 +157,8 @@ class ChatSession:
         if keep < len(self.cached):
             self.session.rewind(len(self.cached) - keep)   # drops the last n positions
             del self.cached[keep:]
+            # a sliding-window cache that lost what the kept prefix needs replays it
+            self.n_evaluated += getattr(self.session, "reprocessed", 0)
         new = ids[keep:]
         t0 = time.perf_counter()
         self.session.eval(new)
@@ -185,6 +189,7 @@ class ChatSession:
         history = list(self.cached)
         out: list[str] = []
         before = len(self.cached)
+        self.sampler.reset()  # each reply starts at the top of the constraint's grammar
         try:
             for piece in stream_reply(self.session, self.tokenizer, self.sampler,
                                       n_predict=self.n_predict, n_ctx=self.n_ctx, history=history,
@@ -197,6 +202,9 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(out)})
         if self.timings.stop == "context":
             self.notify("[context full: reply cut; the oldest turns will be dropped next]")
+        cut = cut_short_message(self.timings, self.constraint, self.n_predict, self.n_ctx)
+        if cut and self.timings.stop != "interrupted":
+            self.notify(f"[{cut}]")
 
     def say(self, text: str) -> str:
         return "".join(self.reply(text))
@@ -341,7 +349,11 @@ def cli_chat(args) -> int:
     name = args.model or DEFAULT_MODEL
     params = SamplerParams.from_args(args)
     model = load_model(name, n_ctx=args.ctx_size)
-    chat = ChatSession(model, system=args.system, params=params, n_predict=args.n_predict)
+    from .constraint import from_args
+
+    constraint = from_args(args, model.tokenizer)
+    chat = ChatSession(model, system=args.system, params=params, n_predict=args.n_predict,
+                       constraint=constraint)
     if sys.stdin.isatty():
         return _interactive(chat, name)
     return _piped(chat)

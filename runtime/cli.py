@@ -12,6 +12,7 @@ import argparse
 import importlib
 import math
 import os
+from pathlib import Path
 import sys
 
 
@@ -54,6 +55,17 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=-1, help="RNG seed, -1 = random (default -1)")
 
 
+def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (llama.cpp names; one of them)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("-j", "--json-schema", metavar="SCHEMA", default=None,
+                   help="output must be JSON valid under this schema: JSON text, or @FILE")
+    x.add_argument("--json-object", action="store_true", help="output must be a JSON object")
+    x.add_argument("--grammar", metavar="TEXT", default=None,
+                   help="output must match this GBNF grammar (or Lark, as llguidance reads it)")
+    x.add_argument("--grammar-file", metavar="FILE", default=None, help="--grammar, read from FILE")
+
+
 def _add_model_flags(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     if model_optional:
         p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (default: smollm2-135m-instruct)")
@@ -85,7 +97,10 @@ def _add_generate(sub) -> None:
     _add_model_flags(p)
     p.add_argument("-p", "--prompt", required=True, help="prompt text")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate, -1 = until EOS (default 128)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (content, finish_reason, timings) instead of streaming text")
     _add_sampling_flags(p)
+    _add_constraint_flags(p)
     p.set_defaults(func=_handler("runtime.generate:cli_generate"))
 
 
@@ -95,6 +110,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-n", "--n-predict", type=int, default=-1, help="max tokens per reply, -1 = until EOS")
     _add_sampling_flags(p)
+    _add_constraint_flags(p)
     p.set_defaults(func=_handler("runtime.chat:cli_chat"))
 
 
@@ -134,6 +150,10 @@ def _add_plan(sub) -> None:
                    "(Qwen2.5-0.5B ... Llama-3.1-8B), 'all' (with --table), or layers=28,d=1536,heads=12,"
                    "kv_heads=2,ffn=8960,vocab=151936,bpw=4.85[,head_dim=128][,tied=1]")
     p.add_argument("--table", action="store_true", help="markdown table of --arch models at Q4_K_M, 4k and 32k context")
+    p.add_argument("-np", "--parallel", type=int, default=1, help="parallel slots (llama-server -np): --ctx is the "
+                   "total of one unified KV cache, each slot holds ctx / np (default 1)")
+    p.add_argument("--swa-full", action="store_true", help="sliding-window layers keep the whole context, as the "
+                   "llama.cpp C API (llama-cpp-python) does; default: window + ubatch, as llama-server/-cli")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("runtime.memory:cli_plan"))
 
@@ -150,8 +170,31 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_handler("runtime.bench:cli_bench"))
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (like llama-server)")
+    p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (default: smollm2-135m-instruct)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="total context over all slots; each slot gets c / np (default: model's, capped at 4096)")
+    p.add_argument("-np", "--parallel", type=int, default=4, help="slots: requests served at once (default 4)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port, printed)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set RUNTIME_API_KEY)")
+    p.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
+    p.add_argument("--system", default=None, help="system prompt for chats that send none")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503 (default 64)")
+    p.add_argument("--cache-reuse", default="exact", choices=["exact", "prefix", "off"],
+                   help="prompt cache: exact = only bit-identical chunks (batch invariant, default); "
+                        "prefix = longest common prefix, as llama-server's cache_prompt; off")
+    p.add_argument("--reasoning-format", default="deepseek", choices=["deepseek", "none"],
+                   help="deepseek: <think> text goes to reasoning_content (default); none: left in content")
+    p.add_argument("--verbose", action="store_true", help="uvicorn's info and access log")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_handler("runtime.server:cli_serve"))
+
+
 COMMANDS = [_add_info, _add_pull, _add_chat, _add_generate, _add_perplexity,
-            _add_attention, _add_plan, _add_bench]
+            _add_attention, _add_plan, _add_bench, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run the engine's compiled kernels
+_COMPUTING = {"generate", "chat", "perplexity", "attention", "bench", "serve", "lens", "surprise"}
+
+
+def _jit_cache_warm() -> bool:
+    """True when numba's cache for these sources (runtime/__init__.py names it after
+    their hash) already holds the forward pass."""
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache:
+        import numba.core.config
+
+        cache = numba.core.config.CACHE_DIR
+    return bool(cache) and any(Path(cache).rglob("model.forward_layers-*.nbi"))
+
+
+def _cpu_name() -> str:
+    import numba.core.config
+    from llvmlite import binding
+
+    return numba.core.config.CPU_NAME or binding.get_host_cpu_name()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -175,6 +240,11 @@ def main(argv=None) -> int:
         from .threads import set_threads
 
         set_threads(args.threads)
+    if args.command in _COMPUTING and not _jit_cache_warm():
+        # numba compiles every kernel on the first run (then loads them from its
+        # cache in about a second): say so rather than sit silent for a minute.
+        print(f"compiling kernels for this CPU ({_cpu_name()}), first run only: about a minute on 2 cores ...",
+              file=sys.stderr, flush=True)
     try:
         rc = args.func(args)
         return int(rc or 0)

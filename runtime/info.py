@@ -1,7 +1,10 @@
 """``python -m runtime info MODEL``: what a GGUF file holds, from its header.
 
 Only the header is read (the tensor data stays untouched in the mapping), so
-this is instant even for large files.  ``--json`` prints every field.
+this is instant even for large files, and works on a file whose tensor data is
+not all there yet (a download in progress, the first part of a split GGUF): it
+prints what the header holds and says how many of the bytes the tensors need are
+present.  ``--json`` prints every field.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ def model_info(g: GGUFFile) -> dict:
                 special["eot"] = {"id": index[text], "text": text, "source": "text"}
                 break
 
+    # The bytes the tensor table says the data needs, against the bytes present.
+    data_end = max((t.offset + t.nbytes for t in g.tensors.values()), default=g.data_offset)
+    split_no, split_count = g.get("split.no"), g.get("split.count")
     template = g.get("tokenizer.chat_template")
     try:  # the checks the engine and planner apply (runtime.arch); info reports, never refuses
         _hparams(g)
@@ -151,6 +157,10 @@ def model_info(g: GGUFFile) -> dict:
         "chat_template": isinstance(template, str) and bool(template),
         "chat_template_chars": len(template) if isinstance(template, str) else 0,
         "hparams_problem": _plain(problem),
+        "data_bytes_needed": int(data_end),
+        "data_complete": g.file_size >= data_end,
+        "split": ({"no": split_no, "count": split_count}
+                  if isinstance(split_no, int) and isinstance(split_count, int) else None),
     }
 
 
@@ -232,6 +242,14 @@ def format_info(info: dict, width: int = 80) -> str:
     row("chat template", f"yes ({info['chat_template_chars']} chars)" if info["chat_template"] else "no")
     if info.get("hparams_problem"):
         row("PROBLEM", info["hparams_problem"])
+    split = info.get("split")
+    if split and split["count"] > 1:
+        row("split", f"part {split['no'] + 1} of {split['count']} (llama.cpp's gguf-split)")
+    if not info.get("data_complete", True):
+        have, need = info["file_size"], info["data_bytes_needed"]
+        row("INCOMPLETE", f"tensor data incomplete: the file has {have:,} of the {need:,} bytes its "
+                          f"tensors need ({100 * have / need:.1f} %), a download in progress or the "
+                          f"first part of a split file; `plan` works on it, inference needs the rest")
     return "\n".join(lines)
 
 
@@ -239,7 +257,7 @@ def cli_info(args) -> int:
     from .registry import resolve_model
 
     path = resolve_model(args.model)
-    with GGUFFile(path) as g:
+    with GGUFFile(path, header_only=True) as g:  # the data may not all be there yet
         info = model_info(g)
     if getattr(args, "json", False):
         print(json.dumps(info, indent=2, ensure_ascii=False, default=str))

@@ -16,8 +16,11 @@ vendors), so that its figures match llama.cpp's own log lines:
 * KV cache: n_ctx is padded to a multiple of 256; per layer, K is n_ctx rows of
   n_kv_heads*head_dim_k elements in the cache type (f16: 2 bytes, q8_0: 34 bytes
   per 32, q4_0: 18 bytes per 32), V likewise.  Each layer's cache lives on the
-  device of its layer.  Sliding-window layers (Gemma) get the full size too,
-  llama.cpp's default (swa_full); with swa_full off, n_swa + ubatch cells.
+  device of its layer.  Sliding-window layers (Gemma 3: 5 of every 6) keep
+  n_swa + ubatch cells (padded to 256, at most n_ctx) with swa_full off, the
+  default of llama-server and llama-cli, which ``plan`` follows; ``--swa-full``
+  gives them n_ctx cells like the others, the C API's default that
+  llama-cpp-python inherits (it logs "using full-size SWA cache").
 * compute buffer: an estimate of the peak of llama.cpp's graph allocator for one
   ubatch of u tokens (float32 activations; tensors of finished ops are reused):
   max of  attention  = (n_heads + 1)*n_kv*u*4 (scores + f32 mask; with flash
@@ -426,14 +429,23 @@ class Planner:
     n_ubatch: int = 512
     flash_attn: bool = True
     overhead: int = OVERHEAD_MIB * MiB
-    swa_full: bool = True          # llama.cpp's default: SWA layers get a full-size cache
+    swa_full: bool = False         # True: SWA layers get a full-size cache (the C API's default)
+    n_seq: int = 1                 # parallel sequences (llama-server -np) sharing one unified cache
+
+    def swa_cells(self, n_ctx: int) -> int:
+        """Cells of a sliding-window layer's cache at (padded) context n_ctx:
+        llama_kv_cache_iswa's min(n_ctx, pad(n_swa + n_ubatch)), or n_ctx with swa_full."""
+        a = self.arch
+        if a.n_swa and a.swa_layers and not self.swa_full:
+            # a unified cache keeps a window for each of the n_seq sequences
+            # (llama_kv_cache_iswa: n_swa * (unified ? n_seq_max : 1) + n_ubatch)
+            return min(n_ctx, pad_ctx(a.n_swa * self.n_seq + self.n_ubatch))
+        return n_ctx
 
     def kv_layers(self, n_ctx: int) -> list:
         """Per-layer KV bytes at (padded) context n_ctx, llama.cpp's layout."""
         a = self.arch
-        n_swa_cells = n_ctx
-        if a.n_swa and a.swa_layers and not self.swa_full:
-            n_swa_cells = min(n_ctx, pad_ctx(a.n_swa + self.n_ubatch))
+        n_swa_cells = self.swa_cells(n_ctx)
         out = []
         for il in range(a.n_layers):
             cells = n_swa_cells if (a.swa_layers and a.swa_layers[il]) else n_ctx
@@ -490,13 +502,20 @@ class Planner:
 
 def plan(arch: Arch, weights: Weights, *, vram: int, n_ctx: int, kv_type: str = "f16",
          n_ubatch: int = 512, flash_attn: bool = True, overhead: int = OVERHEAD_MIB * MiB,
-         quants: dict | None = None) -> dict:
-    """Every number the ``plan`` command prints."""
+         quants: dict | None = None, swa_full: bool = False, n_parallel: int = 1) -> dict:
+    """Every number the ``plan`` command prints.
+
+    ``n_parallel`` is llama-server's ``-np``: n_ctx is the total context of one
+    unified KV cache that the slots share (each slot holds n_ctx / n_parallel), so
+    the KV bytes stay those of n_ctx; only sliding-window layers keep a window per
+    slot."""
     if n_ctx <= 0:
         raise ValueError(f"context size must be positive, got {n_ctx}")
     if n_ubatch <= 0:
         raise ValueError(f"batch size must be positive, got {n_ubatch}")
-    p = Planner(arch, weights, kv_type, n_ubatch, flash_attn, overhead)
+    if n_parallel < 1 or n_parallel > n_ctx:
+        raise ValueError(f"parallel slots must be in 1..n_ctx ({n_ctx}), got {n_parallel}")
+    p = Planner(arch, weights, kv_type, n_ubatch, flash_attn, overhead, swa_full, n_parallel)
     full = arch.n_layers + 1
     ctx = pad_ctx(n_ctx)
     s_full = p.split(ctx, full)
@@ -511,7 +530,12 @@ def plan(arch: Arch, weights: Weights, *, vram: int, n_ctx: int, kv_type: str = 
         "vram": vram,
         "n_ctx": n_ctx,
         "n_ctx_padded": ctx,
+        "n_parallel": n_parallel,
+        "n_ctx_slot": ctx // n_parallel,
         "kv_type": kv_type,
+        "swa_full": swa_full,
+        "n_swa_layers": sum(arch.swa_layers),
+        "swa_cells": p.swa_cells(ctx) if arch.swa_layers else 0,
         "n_ubatch": min(n_ubatch, ctx),
         "flash_attn": flash_attn,
         "weights": {
@@ -535,7 +559,7 @@ def plan(arch: Arch, weights: Weights, *, vram: int, n_ctx: int, kv_type: str = 
     }
     table = []
     for qname, bpw in (quants if quants is not None else QUANT_BPW).items():
-        qp = Planner(arch, weights.at_bpw(bpw), kv_type, n_ubatch, flash_attn, overhead)
+        qp = Planner(arch, weights.at_bpw(bpw), kv_type, n_ubatch, flash_attn, overhead, swa_full, n_parallel)
         qs = qp.split(ctx, full)
         table.append({"quant": qname, "bpw": bpw, "weights": qp.weights.total,
                       "gpu_total": qs.gpu_total, "fits": qs.gpu_total <= vram,
@@ -586,8 +610,12 @@ def fmt_bytes(n: float) -> str:
 
 
 def host_need(gguf, n_ctx: int, kv_type: str = "f16", n_batch: int = 512) -> dict:
+    from .model import swa_cells  # the engine's cache layout (model imports this module lazily too)
+
     arch = arch_from_gguf(gguf)
-    kv = sum(kv_layer_bytes(arch.kv_heads(i), arch.head_dim, arch.head_dim_v, n_ctx, kv_type)
+    ring = swa_cells(arch, n_ctx)  # sliding-window layers: a ring of window + one batch
+    kv = sum(kv_layer_bytes(arch.kv_heads(i), arch.head_dim, arch.head_dim_v,
+                            ring if arch.swa_layers and arch.swa_layers[i] else n_ctx, kv_type)
              for i in range(arch.n_layers))
     weights = int(gguf.file_size)
     scratch = host_scratch_bytes(arch, n_ctx, n_batch)
@@ -665,10 +693,14 @@ def format_plan(r: dict) -> str:
         f"({r['weights']['bpw']:.2f} bits/weight)",
         f"plan: {fmt_bytes(vram)} GPU, context {r['n_ctx_padded']}, KV {r['kv_type']}, "
         f"ubatch {r['n_ubatch']}, flash attention {'on' if r['flash_attn'] else 'off'}",
+        *([f"  -np {r['n_parallel']}: one unified KV cache of {r['n_ctx_padded']} cells shared by the slots "
+           f"(`serve` gives each {r['n_ctx_slot']})"] if r.get("n_parallel", 1) > 1 else []),
         "",
         row(f"all layers on the GPU (-ngl {r['n_gpu_layers_all']})", "GPU", "host"),
         row("weights (token embeddings on host)", full["gpu_weights"], full["host_weights"]),
         row(f"KV cache ({r['kv_type']})", full["gpu_kv"], full["host_kv"] or ""),
+        *([f"  {r['n_swa_layers']} sliding-window layers keep {r['swa_cells']} cells each"
+           + (" (--swa-full)" if r["swa_full"] else " (--swa-full: all)")] if r.get("n_swa_layers") else []),
         row("compute buffer (estimate)", full["gpu_compute"], full["host_compute"]),
         row("CUDA context, cuBLAS, pool (fixed)", full["gpu_overhead"], ""),
         row("total", full["gpu_total"], full["host_total"]),
@@ -786,6 +818,8 @@ def cli_plan(args) -> int:
         raise CLIError(f"--batch must be positive, got {args.batch}")
     if args.ctx is not None and args.ctx <= 0:
         raise CLIError(f"--ctx must be positive, got {args.ctx}")
+    if getattr(args, "parallel", 1) < 1:
+        raise CLIError(f"-np/--parallel must be >= 1, got {args.parallel}")
     if getattr(args, "table", False):
         if args.arch and args.arch.lower() == "all":
             archs = dict(PRESETS)
@@ -802,7 +836,8 @@ def cli_plan(args) -> int:
     arch, weights, source = _load(args)
     n_ctx = args.ctx or arch.n_ctx_train or 4096
     r = plan(arch, weights, vram=vram, n_ctx=n_ctx, kv_type=kv_type, n_ubatch=args.batch,
-             flash_attn=fa, overhead=overhead)
+             flash_attn=fa, overhead=overhead, swa_full=getattr(args, "swa_full", False),
+             n_parallel=getattr(args, "parallel", 1))
     r["source"] = source
     if args.json:
         print(json.dumps(r, indent=2))

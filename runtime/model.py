@@ -1,4 +1,4 @@
-"""LLaMA / Qwen2 / Qwen3 forward pass over memory-mapped quantized weights.
+"""LLaMA / Qwen2 / Qwen3 / Gemma 3 forward pass over memory-mapped quantized weights.
 
 Weights stay in the GGUF file's blocks (zero-copy uint8 views); every matmul goes
 through ``quant.matmul_q8`` / ``quant.matmul3_q8``, which decode blocks on the fly.
@@ -9,6 +9,10 @@ All layers run in one compiled call (``forward_layers``, which finds each weight
 matrix in the memory-mapped file by offset), so Python pays one dispatch per
 batch of tokens, not per layer or operation; prefill runs up to N_BATCH tokens per
 call (batched matmuls, attention for a block of queries), decode one.
+
+Sliding-window layers (Gemma 3's local ones) keep their keys and values in a ring
+of window + N_BATCH cells, as llama.cpp's SWA cache keeps window + one ubatch:
+enough for every query of a batch, so long contexts cost what llama.cpp's do.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class Weights(NamedTuple):
     bq: np.ndarray         # float32 [n_layers, n_heads * hd] (QKV biases, Qwen2)
     bk: np.ndarray
     bv: np.ndarray
-    q_norm: np.ndarray     # float32 [n_layers, hd] (per-head QK RMSNorm, Qwen3)
+    q_norm: np.ndarray     # float32 [n_layers, hd] (per-head QK RMSNorm, Qwen3, Gemma 3)
     k_norm: np.ndarray
+    post_attn_norm: np.ndarray  # float32 [n_layers, d] (RMSNorm of each block's output
+    post_ffn_norm: np.ndarray   # before its residual add, Gemma 3)
 
 
 class Config(NamedTuple):
@@ -64,13 +70,22 @@ class Config(NamedTuple):
     eps: float             # RMSNorm epsilon
     neox: bool             # RoPE pairs (i, i + n_rot/2) instead of (2i, 2i + 1)
     attn_scale: float      # softmax(q.k * attn_scale)
+    gelu: bool             # FFN gate activation GELU (GeGLU, Gemma) instead of SiLU (SwiGLU)
+    n_swa: int             # sliding window: query p sees keys j > p - n_swa (0: none)
+    swa: np.ndarray        # bool [n_layers]: layer l is a sliding-window layer
+    kv_row: np.ndarray     # int64 [n_layers]: layer l's row of KVCache.k (global) / .k_swa (sliding)
+    inv_freq_swa: np.ndarray  # float64 [n_rot/2]: RoPE frequencies of sliding layers (empty: none)
 
 
 class KVCache(NamedTuple):
-    """One sequence's keys and values: [n_layers, n_ctx, n_kv_heads, head dim]
-    (float32, or IEEE half held as uint16 bits)."""
+    """One sequence's keys and values (float32, or IEEE half held as uint16 bits):
+    global layers [n_global, n_ctx, n_kv_heads, head dim], position t in cell t;
+    sliding-window layers [n_sliding, cells, n_kv_heads, head dim], a ring of
+    window + N_BATCH cells (position t in cell t % cells; zero layers where none)."""
     k: np.ndarray
     v: np.ndarray
+    k_swa: np.ndarray
+    v_swa: np.ndarray
 
 
 # Matrix slots of one layer in Weights.mats[layer, slot].
@@ -83,19 +98,19 @@ def _mat(blob, m):
     return blob[m[0]:m[0] + m[1] * m[2]].reshape((m[1], m[2]))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _linear(x, w, m, exact):
     """x @ W^T for the matrix at m (float32 [n, rows]).  exact: float32 activations
     (quant.matmul); else rounded to integers as llama.cpp does (quant.matmul_q8)."""
     out = np.empty((x.shape[0], m[1]), np.float32)
-    if exact:
+    if exact is not None:
         quant.matmul(m[3], _mat(w.blob, m), x, out)
     else:
         quant.matmul_q8(m[3], _mat(w.blob, m), x, out)
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _linear3(w, m0, m1, m2, x, exact, use2=True):
     """Three projections of one x, its activations rounded once for all three
     (quant.matmul3_q8); with use2 False only the first two."""
@@ -105,7 +120,7 @@ def _linear3(w, m0, m1, m2, x, exact, use2=True):
     out2 = np.empty((n, m2[1] if use2 else 0), np.float32)
     w0, w1 = _mat(w.blob, m0), _mat(w.blob, m1)
     w2 = _mat(w.blob, m2) if use2 else w1[:0]
-    if exact:
+    if exact is not None:
         quant.matmul(m0[3], w0, x, out0)
         quant.matmul(m1[3], w1, x, out1)
         if use2:
@@ -115,7 +130,16 @@ def _linear3(w, m0, m1, m2, x, exact, use2=True):
     return out0, out1, out2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _layer_kv(k, v, k_swa, v_swa, cfg, l):
+    """Layer l's K and V cache ([cells, n_kv_heads, hd]) and its window (0: global)."""
+    r = cfg.kv_row[l]
+    if cfg.swa[l]:
+        return k_swa[r], v_swa[r], cfg.n_swa
+    return k[r], v[r], 0
+
+
+@njit(cache=True, inline="always")
 def _qkv(x, w, l, cfg, rope_cs, exact):
     """q, k, v of rms_norm(x) for layer l: projections, biases, QK-norm, RoPE."""
     m = w.mats[l]
@@ -135,21 +159,31 @@ def _qkv(x, w, l, cfg, rope_cs, exact):
     return q, k, v
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
     """softmax(q k^T * scale) v over the cache, q, k, v from rms_norm(x); appends this
     step's k, v at n_past.  Returns the output projection, float32 [n, d]."""
     n = x.shape[0]
-    hd, hdv = kv.k.shape[3], kv.v.shape[3]
+    kc, vc, n_swa = _layer_kv(kv.k, kv.v, kv.k_swa, kv.v_swa, cfg, l)
+    hd, hdv = kc.shape[2], vc.shape[2]
     q, k, v = _qkv(x, w, l, cfg, rope_cs, exact)
-    ops.kv_write(k, v, kv.k[l], kv.v[l], n_past, cfg.n_kv_heads, hd, hdv)
+    ops.kv_write(k, v, kc, vc, n_past, cfg.n_kv_heads, hd, hdv)
     att = np.empty((n, cfg.n_heads * hdv), np.float32)
-    ops.attention(q, kv.k[l], kv.v[l], n_past, cfg.n_heads, cfg.n_kv_heads,
-                  np.float32(cfg.attn_scale), att, capture, not exact)
-    return _linear(att, w, w.mats[l][WO], exact)
+    ops.attention(q, kc, vc, n_past, cfg.n_heads, cfg.n_kv_heads,
+                  np.float32(cfg.attn_scale), att, capture, exact is None, n_swa)
+    return _post_norm(_linear(att, w, w.mats[l][WO], exact), w.post_attn_norm, l, cfg)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _post_norm(y, norm, l, cfg):
+    """Gemma's RMSNorm of a block's output before the residual add (in place;
+    nothing where the model has no such norm)."""
+    if norm.shape[1] > 0:
+        ops.rms_norm(y, norm[l], cfg.eps, y)
+    return y
+
+
+@njit(cache=True, inline="always")
 def attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs):
     """attention_block for one decode step of several sequences: row i is the
     sequence whose cache is kv.k[slots[i]] (kv: [n_slots, n_layers, ctx, heads, hd]),
@@ -157,30 +191,34 @@ def attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs):
     every row); each row's cache write and attention are exactly its own one-row
     step's, so a row's result does not depend on which rows share the step."""
     n = x.shape[0]
-    hd, hdv = kv.k.shape[4], kv.v.shape[4]
     empty3 = np.zeros((0, 0, 0), np.float32)
-    q, k, v = _qkv(x, w, l, cfg, rope_cs, False)
-    att = np.empty((n, cfg.n_heads * hdv), np.float32)
+    q, k, v = _qkv(x, w, l, cfg, rope_cs, None)
+    att = np.empty((n, cfg.n_heads * kv.v.shape[4]), np.float32)
     for i in range(n):
         s = slots[i]
-        ops.kv_write(k[i:i + 1], v[i:i + 1], kv.k[s, l], kv.v[s, l], pos[i], cfg.n_kv_heads, hd, hdv)
-        ops.attention(q[i:i + 1], kv.k[s, l], kv.v[s, l], pos[i], cfg.n_heads, cfg.n_kv_heads,
-                      np.float32(cfg.attn_scale), att[i:i + 1], empty3, True)
-    return _linear(att, w, w.mats[l][WO], False)
+        kc, vc, n_swa = _layer_kv(kv.k[s], kv.v[s], kv.k_swa[s], kv.v_swa[s], cfg, l)
+        ops.kv_write(k[i:i + 1], v[i:i + 1], kc, vc, pos[i], cfg.n_kv_heads, kc.shape[2], vc.shape[2])
+        ops.attention(q[i:i + 1], kc, vc, pos[i], cfg.n_heads, cfg.n_kv_heads,
+                      np.float32(cfg.attn_scale), att[i:i + 1], empty3, True, n_swa)
+    return _post_norm(_linear(att, w, w.mats[l][WO], None), w.post_attn_norm, l, cfg)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def ffn_block(x, w, l, cfg, exact):
-    """W_down (silu(W_gate h) * W_up h), h = rms_norm(x) (SwiGLU).  float32 [n, d]."""
+    """W_down (act(W_gate h) * W_up h), h = rms_norm(x); act silu (SwiGLU) or gelu
+    (GeGLU, Gemma, then its post-FFN norm).  float32 [n, d]."""
     m = w.mats[l]
     h = np.empty_like(x)
     ops.rms_norm(x, w.ffn_norm[l], cfg.eps, h)
     gate, up, _ = _linear3(w, m[WG], m[WU], m[WU], h, exact, False)
-    ops.swiglu(gate, up, gate)
-    return _linear(gate, w, m[WD], exact)
+    if cfg.gelu:
+        ops.geglu(gate, up, gate, exact is not None)
+    else:
+        ops.swiglu(gate, up, gate)
+    return _post_norm(_linear(gate, w, m[WD], exact), w.post_ffn_norm, l, cfg)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
     """Pre-norm residual block l over x[n, d] (in place)."""
     ops.add(x, attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact))
@@ -188,19 +226,23 @@ def transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
 
 
 @njit(cache=True)
-def forward_layers(x, pos, n_past, w, cfg, kv, inv_freq, capture, cap_index):
+def forward_layers(x, pos, n_past, w, cfg, kv, inv_freq, capture, cap_index, exact):
     """Every transformer block over x[n, d] at positions pos, in one compiled call
     (no Python per layer).
 
     capture[cap_index[l]] receives layer l's attention weights when cap_index[l] >= 0;
-    then every layer runs with float32 activations (exact), so that the maps are the
-    reference math's to float32."""
+    then every layer runs with float32 activations (exact True), so that the maps are
+    the reference math's to float32.  exact is None on the hot path: numba then
+    compiles none of the float-activation branches (each `exact is not None` is
+    decided at compile time), so generation neither pays for nor compiles the
+    inspection path, and inspection is its own compiled entry."""
     empty3 = np.zeros((0, 0, 0), np.float32)
-    exact = capture.shape[0] > 0
-    rope_cs = ops.rope_table(pos, inv_freq)  # the same angles in every layer
+    rope_cs = ops.rope_table(pos, inv_freq)  # the same angles in every (global) layer
+    rope_cs_swa = ops.rope_table(pos, cfg.inv_freq_swa)  # sliding layers' own base (Gemma)
     for l in range(w.mats.shape[0]):
         ci = cap_index[l]
-        transformer_block(x, n_past, w, l, cfg, kv, rope_cs, capture[ci] if ci >= 0 else empty3, exact)
+        cs = rope_cs_swa if cfg.swa[l] else rope_cs
+        transformer_block(x, n_past, w, l, cfg, kv, cs, capture[ci] if ci >= 0 else empty3, exact)
 
 
 @njit(cache=True)
@@ -208,9 +250,11 @@ def forward_rows(x, pos, slots, w, cfg, kv, inv_freq):
     """One decode step of x.shape[0] sequences (row i: sequence slots[i], its token
     at position pos[i]) through every block, in one compiled call."""
     rope_cs = ops.rope_table(pos, inv_freq)
+    rope_cs_swa = ops.rope_table(pos, cfg.inv_freq_swa)
     for l in range(w.mats.shape[0]):
-        ops.add(x, attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs))
-        ops.add(x, ffn_block(x, w, l, cfg, False))
+        cs = rope_cs_swa if cfg.swa[l] else rope_cs
+        ops.add(x, attention_rows(x, pos, slots, w, l, cfg, kv, cs))
+        ops.add(x, ffn_block(x, w, l, cfg, None))
 
 
 class Model:
@@ -224,6 +268,7 @@ class Model:
         self.n_vocab = args.n_vocab
         self._tokenizer = None
         self._session = None
+        self._session_full = None
         a = args
         t = gguf.tensors
 
@@ -256,7 +301,9 @@ class Model:
         bias = a.qkv_bias
         names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
         mats = np.zeros((a.n_layers, 7, 4), np.int64)
-        rows: dict[str, list] = {k: [] for k in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm")}
+        rows: dict[str, list] = {k: [] for k in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
+                                                 "post_attn_norm", "post_ffn_norm")}
+        post = a.family.post_norms
         for i in range(a.n_layers):
             p = f"blk.{i}."
             ffn = a.ffn(i)
@@ -270,13 +317,30 @@ class Model:
                 rows[b].append(vec(p + f"attn_{b[1]}.bias", size, bias) if bias else _EMPTY1)
             for qk in ("q_norm", "k_norm"):
                 rows[qk].append(vec(p + f"attn_{qk}.weight", a.head_dim) if a.qk_norm else _EMPTY1)
+            rows["post_attn_norm"].append(vec(p + "post_attention_norm.weight", d) if post else _EMPTY1)
+            rows["post_ffn_norm"].append(vec(p + "post_ffw_norm.weight", d) if post else _EMPTY1)
 
         def stack(vs):
             return np.ascontiguousarray(np.stack(vs), np.float32)
 
         self.weights = Weights(blob=gguf.blob(), mats=mats, **{k: stack(v) for k, v in rows.items()})
+        # Sliding-window layers (arch.HParams.swa_layers) rotate with their own base
+        # (Gemma 3: 10000 and no RoPE scaling, llama.cpp's rope_freq_*_train_swa) and
+        # keep their cache in KVCache.k_swa; the others in KVCache.k, in layer order.
+        swa = np.array(a.swa_layers if a.swa_layers else [False] * a.n_layers, np.bool_)
+        kv_row = np.zeros(a.n_layers, np.int64)
+        kv_row[swa] = np.arange(int(swa.sum()))
+        kv_row[~swa] = np.arange(int((~swa).sum()))
+        inv_freq_swa = np.zeros(0, np.float64)
+        if swa.any():
+            inv_freq_swa = (ops.rope_inv_freq(a.n_rot, a.rope_base_local) if a.rope_base_local
+                            else ops.rope_inv_freq(a.n_rot, a.rope_base, a.rope_freq_scale))
         self.config = Config(n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, eps=float(a.rms_eps),
-                             neox=a.rope_style == "neox", attn_scale=1.0 / float(np.sqrt(a.head_dim)))
+                             neox=a.rope_style == "neox", attn_scale=float(a.attn_scale),
+                             gelu=a.family.ffn_act == "gelu_tanh", n_swa=int(a.n_swa) if swa.any() else 0,
+                             swa=swa, kv_row=kv_row, inv_freq_swa=inv_freq_swa)
+        # Gemma scales token embeddings by sqrt(d_model), in float32 as llama.cpp's ggml_scale
+        self.embed_scale = np.float32(np.sqrt(np.float32(d))) if a.family.embed_scale else None
         self.embed = linear("token_embd.weight", a.n_vocab, d)
         self.output_norm = vec("output_norm.weight", d)
         self.output = self.embed if a.tied else linear("output.weight", a.n_vocab, d)
@@ -327,21 +391,29 @@ class Model:
         return self.tokenizer.detokenize(*a, **kw)
 
     # -- evaluation ----------------------------------------------------------
-    def session(self, n_ctx: int | None = None) -> "Session":
-        return Session(self, n_ctx or self.n_ctx)
+    def session(self, n_ctx: int | None = None, swa_full: bool = False) -> "Session":
+        return Session(self, n_ctx or self.n_ctx, swa_full=swa_full)
 
     def session_pool(self, n_slots: int, n_ctx: int | None = None) -> "SessionPool":
         """n_slots sequences of n_ctx positions each in one KV allocation, decoded
         together by SessionPool.decode (the server's continuous batching)."""
         return SessionPool(self, n_slots, n_ctx or self.n_ctx)
 
-    def _scratch_session(self, n: int) -> "Session":
+    def _scratch_session(self, n: int, swa_full: bool = False) -> "Session":
+        """The model's own session for logits() (sliding-window rings as generation
+        has them) and attention() (swa_full: one batch of n tokens needs them all)."""
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens do not fit in the context of {self.n_ctx} tokens")
-        if self._session is None:
-            self._session = Session(self, self.n_ctx)
-        self._session.reset()
-        return self._session
+        full = swa_full and self.args.n_swa_layers > 0
+        s = self._session_full if full else self._session
+        if s is None:
+            s = Session(self, self.n_ctx, swa_full=full)
+            if full:
+                self._session_full = s
+            else:
+                self._session = s
+        s.reset()
+        return s
 
     def logits(self, ids) -> np.ndarray:
         """Logits of every position of a fresh causal sequence: float32 [len(ids), n_vocab]."""
@@ -366,7 +438,7 @@ class Model:
             raise ValueError(f"duplicate layer in {layers}")
         n = len(ids)
         out = np.zeros((len(layers), a.n_heads, n, n), np.float32)
-        self._scratch_session(n).eval(ids, capture=(out, layers))
+        self._scratch_session(n, swa_full=True).eval(ids, capture=(out, layers))
         return out
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -374,7 +446,10 @@ class Model:
         if bad.any():
             raise ValueError(f"token id {int(ids[bad][0])} out of range (vocabulary has {self.n_vocab} tokens)")
         rows = self.embed.w[ids]
-        return quant.dequantize(rows, self.embed.type_id, (len(ids), self.args.d_model))
+        x = quant.dequantize(rows, self.embed.type_id, (len(ids), self.args.d_model))
+        if self.embed_scale is not None:
+            x *= self.embed_scale
+        return x
 
     def project_out(self, h: np.ndarray) -> np.ndarray:
         """Final RMSNorm then the output matrix: logits float32 [n, n_vocab]."""
@@ -385,39 +460,87 @@ class Model:
         return out
 
 
-def _kv_alloc(model: Model, lead: tuple, n_ctx: int) -> KVCache:
-    """Zeroed KV arrays [*lead, n_layers, n_ctx, n_kv_heads, head dim] in the model's
-    KV type (f16 held as its uint16 bits)."""
+def swa_cells(args: HParams, n_ctx: int, swa_full: bool = False) -> int:
+    """Cells of a sliding-window layer's ring: the window plus one batch (llama.cpp's
+    n_swa + n_ubatch), so that no query of a batch of up to N_BATCH tokens loses a
+    key it sees to a write of that batch (it needs cells >= window + batch - 1);
+    never more than n_ctx.  swa_full: n_ctx, every position kept (llama.cpp's
+    swa_full), which a rewind to any point needs."""
+    if not args.n_swa_layers:
+        return 0
+    return n_ctx if swa_full else min(n_ctx, args.n_swa + N_BATCH)
+
+
+def _kv_alloc(model: Model, lead: tuple, n_ctx: int, swa_full: bool = False) -> KVCache:
+    """Zeroed KV arrays [*lead, layers, cells, n_kv_heads, head dim] in the model's
+    KV type (f16 held as its uint16 bits): global layers n_ctx cells, sliding-window
+    layers swa_cells()."""
     a = model.args
     dt = np.uint16 if model.kv_type == "f16" else np.float32
-    return KVCache(k=np.zeros(lead + (a.n_layers, n_ctx, a.n_kv_heads, a.head_dim), dt),
-                   v=np.zeros(lead + (a.n_layers, n_ctx, a.n_kv_heads, a.head_dim_v), dt))
+    n_sl = a.n_swa_layers
+    n_gl = a.n_layers - n_sl
+    ring = swa_cells(a, n_ctx, swa_full)
+    return KVCache(k=np.zeros(lead + (n_gl, n_ctx, a.n_kv_heads, a.head_dim), dt),
+                   v=np.zeros(lead + (n_gl, n_ctx, a.n_kv_heads, a.head_dim_v), dt),
+                   k_swa=np.zeros(lead + (n_sl, ring, a.n_kv_heads, a.head_dim), dt),
+                   v_swa=np.zeros(lead + (n_sl, ring, a.n_kv_heads, a.head_dim_v), dt))
 
 
 class Session:
-    """A sequence being evaluated: its own KV cache, preallocated to n_ctx."""
+    """A sequence being evaluated: its own KV cache, preallocated to n_ctx (sliding-
+    window layers: a ring of swa_cells(); swa_full keeps every position there too)."""
 
-    def __init__(self, model: Model, n_ctx: int, kv: KVCache | None = None):
+    def __init__(self, model: Model, n_ctx: int, kv: KVCache | None = None, swa_full: bool = False):
         self.model = model
         self.n_ctx = n_ctx
-        self.kv = kv if kv is not None else _kv_alloc(model, (), n_ctx)
+        self.kv = kv if kv is not None else _kv_alloc(model, (), n_ctx, swa_full)
         self.n_past = 0
         self._tokens: list[int] = []
         self._last_h = None  # final hidden state of the last evaluated position
+        self._written = 0    # 1 + the highest position ever written since reset
+        self.reprocessed = 0  # tokens the last rewind had to evaluate again (see rewind)
 
     def reset(self) -> None:
         self.n_past = 0
         self._tokens = []
         self._last_h = None
+        self._written = 0
+
+    def can_resume_at(self, n_past: int) -> bool:
+        """Can evaluation continue at position n_past (after a rewind) from this
+        cache, without replaying the tokens before it?  True unless a sliding-window
+        ring has overwritten keys that queries from n_past on still see (positions
+        n_past - n_swa + 1 .. n_past - 1).
+        A ring of C cells holds positions >= written - C intact (a later write to a
+        cell is a position C further on)."""
+        ring = self.kv.k_swa.shape[1]
+        if ring == 0 or ring >= self.n_ctx:
+            return True
+        need = max(0, n_past - self.model.args.n_swa + 1)
+        return need >= self._written - ring
 
     def rewind(self, n: int) -> None:
-        """Drop the last n positions (their cache entries are overwritten later)."""
+        """Drop the last n positions (their cache entries are overwritten later).
+
+        Where a sliding-window ring has already overwritten keys that the window of
+        position n_past - n still sees, the kept tokens are evaluated again from
+        the start, as llama.cpp's server re-processes the whole prompt when its SWA
+        cache lacks the data ("forcing full prompt re-processing"): a local layer's
+        keys at a position depend on every earlier position through the layers
+        below, so no shorter replay is exact.  ``reprocessed`` says how many tokens
+        that took (0: none)."""
         if n < 0 or n > self.n_past:
             raise ValueError(f"cannot rewind {n} positions: the session holds {self.n_past}")
+        self.reprocessed = 0
         if n:
             self.n_past -= n
             del self._tokens[self.n_past:]
             self._last_h = None
+            if not self.can_resume_at(self.n_past):
+                kept = self._tokens
+                self.reset()
+                self.eval(kept)
+                self.reprocessed = len(kept)
 
     def eval(self, ids, *, all_logits: bool = False, capture=None):
         """Append tokens to the cache; with all_logits, return float32 [len(ids), n_vocab]."""
@@ -439,11 +562,17 @@ class Session:
                 raise ValueError("capture array must be float32 [len(layers), n_heads, n, n]")
             cap_index[list(cap_layers)] = np.arange(len(cap_layers))
         step = n if capture else N_BATCH
+        ring = self.kv.k_swa.shape[1]
+        if capture and 0 < ring < self.n_past + n and ring < n + a.n_swa - 1:
+            raise ValueError(f"capturing {n} tokens in one batch needs a full sliding-window cache "
+                             f"(Session(..., swa_full=True)), this one has {ring} cells")
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index)
+            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index,
+                           True if capture else None)
             self.n_past += x.shape[0]
+            self._written = max(self._written, self.n_past)
             self._last_h = x[-1:].copy()
             if all_logits:
                 outs.append(m.project_out(x))
@@ -481,7 +610,8 @@ class SessionPool:
         self.model = model
         self.n_ctx = n_ctx
         self.kv = _kv_alloc(model, (n_slots,), n_ctx)
-        self.sessions = [Session(model, n_ctx, KVCache(k=self.kv.k[i], v=self.kv.v[i]))
+        self.sessions = [Session(model, n_ctx, KVCache(k=self.kv.k[i], v=self.kv.v[i],
+                                                       k_swa=self.kv.k_swa[i], v_swa=self.kv.v_swa[i]))
                          for i in range(n_slots)]
         self._slot = {id(s): i for i, s in enumerate(self.sessions)}
 
@@ -514,6 +644,7 @@ class SessionPool:
             for j in range(a, b):
                 s = sessions[j]
                 s.n_past += 1
+                s._written = max(s._written, s.n_past)
                 s._tokens.append(int(ids[j]))
                 s._last_h = x[j - a:j - a + 1].copy()
         return out

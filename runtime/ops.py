@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload
 
 from .quant import _bits_as_f32, _f32_as_bits, _half_as_f32, _ir_data, _ir_splat, _ir_vload, _ir_vstore
 
-__all__ = ["rms_norm", "rope", "attention", "swiglu", "softmax", "add", "rope_inv_freq",
+__all__ = ["rms_norm", "rope", "attention", "swiglu", "geglu", "softmax", "add", "rope_inv_freq",
            "f32_to_f16_bits"]
 
 
@@ -191,9 +191,14 @@ def rope(x, n_heads, head_dim, pos, inv_freq, neox):
 
 @njit(cache=True)
 def kv_write(k, v, k_cache, v_cache, n_past, n_kv_heads, head_dim_k, head_dim_v):
-    """Append rows k[n, kvh*hdk], v[n, kvh*hdv] at positions n_past.. of the layer's cache."""
+    """Append rows k[n, kvh*hdk], v[n, kvh*hdv] at positions n_past.. of the layer's cache.
+
+    Position t lives in cell t % cells: a full-context cache (cells = n_ctx > every
+    position) is indexed by position; a sliding-window layer's ring of window +
+    one batch cells overwrites the positions no later query can see."""
+    cells = k_cache.shape[0]
     for i in range(k.shape[0]):
-        t = n_past + i
+        t = (n_past + i) % cells
         for g in range(n_kv_heads):
             for j in range(head_dim_k):
                 _kv_store(k_cache, t, g, j, k[i, g * head_dim_k + j])
@@ -425,7 +430,47 @@ def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, o
 
 
 @njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, blocks=True):
+def _attention_window(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, n_swa):
+    """attention() of a sliding-window layer once some query's window excludes keys:
+    the query at position p sees keys p - n_swa < j <= p (llama.cpp's
+    is_masked_swa: masked when p - j >= n_swa), found in the ring cache at cell
+    j % cells, which is one or two contiguous runs of cells.  One query per task."""
+    n = q.shape[0]
+    hdk = k_cache.shape[2]
+    hdv = v_cache.shape[2]
+    cells = k_cache.shape[0]
+    group = n_heads // n_kv_heads
+    do_capture = capture.shape[0] > 0
+    for task in prange(n * n_heads):
+        i = _zigzag(task // n_heads, n)
+        h = task % n_heads
+        g = h // group
+        p = n_past + i
+        lo = max(0, p - n_swa + 1)
+        L = p - lo + 1
+        c0 = lo % cells
+        run = min(L, cells - c0)  # keys before the ring wraps to cell 0
+        sc = np.empty(L, np.float32)
+        qv = q[i, h * hdk:(h + 1) * hdk]
+        _score_row(qv, k_cache[c0:c0 + run], g, run, scale, sc)
+        if run < L:
+            _score_row(qv, k_cache[:L - run], g, L - run, scale, sc[run:])
+        _softmax_causal(sc, L)
+        if do_capture:  # capture columns are key positions
+            for t in range(L):
+                capture[h, i, lo + t] = sc[t]
+        acc = np.empty(hdv, np.float32)
+        _weighted_values(sc, v_cache[c0:c0 + run], g, run, acc)
+        if run < L:
+            acc2 = np.empty(hdv, np.float32)
+            _weighted_values(sc[run:], v_cache[:L - run], g, L - run, acc2)
+            for j in range(hdv):
+                acc[j] += acc2[j]
+        out[i, h * hdv:(h + 1) * hdv] = acc
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, blocks=True, n_swa=0):
     """Causal GQA attention of n queries at positions n_past.. over the cache.
 
     q: [n, n_heads*hdk]; caches [ctx, n_kv_heads, hd]; out: [n, n_heads*hdv].
@@ -435,8 +480,14 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
     converted on load); the softmax normaliser is summed in float64.  blocks=False
     keeps the one-query-at-a-time path (what capture uses) even for long batches,
     so that every layer of an inspection pass sums its scores in the same order.
+    n_swa > 0: a sliding-window layer (query p sees keys p - n_swa < j <= p); while
+    every window still reaches position 0 (n_past + n <= n_swa) that is plain causal
+    attention over cells 0.., and the paths below serve it unchanged.
     """
     n = q.shape[0]
+    if n_swa > 0 and n_past + n > n_swa:
+        _attention_window(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, n_swa)
+        return
     hdk = k_cache.shape[2]
     hdv = v_cache.shape[2]
     group = n_heads // n_kv_heads
@@ -486,6 +537,63 @@ def swiglu(gate, up, out):
         _swiglu_rows(gate, up, out)
     else:
         _swiglu_row(gate[0], up[0], out[0])
+
+
+# GELU (tanh form) as llama.cpp's CPU backend computes it (ggml-cpu vec.h with
+# GGML_GELU_FP16): x rounded to IEEE half, the result looked up in a table of
+# half-precision GELU values; x <= -10 gives 0 and x >= 10 gives x.  The table is
+# built here the way ggml builds it: 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))
+# in float32 at every half value, rounded to half.
+_SQRT_2_OVER_PI = 0.79788456080286535587989211986876
+_GELU_COEF_A = 0.044715
+
+
+def _gelu_f16_table() -> np.ndarray:
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        g = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(
+            np.float32(_SQRT_2_OVER_PI) * x * (np.float32(1.0) + np.float32(_GELU_COEF_A) * x * x)))
+    return g.astype(np.float16).astype(np.float32)
+
+
+GELU_F16 = _gelu_f16_table()  # float32 [65536], indexed by the half bits of x
+
+
+@njit(cache=True, inline="always")
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), float32 (the exact form)."""
+    return np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.tanh(
+        np.float32(_SQRT_2_OVER_PI) * x * (np.float32(1.0) + np.float32(_GELU_COEF_A) * x * x))))
+
+
+@njit(cache=True, error_model="numpy")
+def _geglu_row(g, u, o, table, exact):
+    for j in range(g.shape[0]):
+        x = g[j]
+        if exact:
+            o[j] = gelu_tanh(x) * u[j]
+        elif x <= np.float32(-10.0):
+            o[j] = np.float32(0.0)
+        elif x >= np.float32(10.0):
+            o[j] = x * u[j]
+        else:
+            o[j] = table[f32_to_f16_bits(x)] * u[j]
+
+
+@njit(cache=True, parallel=True)
+def _geglu_rows(gate, up, out, table, exact):
+    for i in prange(gate.shape[0]):
+        _geglu_row(gate[i], up[i], out[i], table, exact)
+
+
+@njit(cache=True)
+def geglu(gate, up, out, exact=False):
+    """out = gelu(gate) * up (GeGLU, Gemma's FFN), gelu in llama.cpp's half-precision
+    table form; exact: the float32 formula (the inspection passes' float32 math)."""
+    if gate.shape[0] > 1:
+        _geglu_rows(gate, up, out, GELU_F16, exact)
+    else:
+        _geglu_row(gate[0], up[0], out[0], GELU_F16, exact)
 
 
 @njit(cache=True)

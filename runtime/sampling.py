@@ -290,25 +290,71 @@ def sample_categorical(probs: np.ndarray, rng: np.random.Generator) -> int:
 # ---------------------------------------------------------------- the chain
 
 class Sampler:
-    """The default llama.cpp chain with a seeded numpy Generator (seed -1 = random)."""
+    """The default llama.cpp chain with a seeded numpy Generator (seed -1 = random).
 
-    def __init__(self, params: SamplerParams | None = None):
+    With a ``constraint`` (``runtime.constraint.Constraint``: a JSON schema or a
+    grammar) the sampler holds its own parse state, and every token it draws keeps
+    the output inside the grammar: after the penalties, the tokens the grammar
+    does not allow are removed (as llama.cpp's grammar sampler sets them to
+    -inf), and top-k, top-p, min-p and temperature see only the allowed ones,
+    renormalised.  ``sample`` feeds the drawn token to the parse state;
+    ``finished`` turns True when the grammar is complete (then ``sample`` only
+    returns EOS: the caller stops)."""
+
+    def __init__(self, params: SamplerParams | None = None, constraint=None):
         self.params = params or SamplerParams()
+        self.constraint = constraint
+        self.matcher = constraint.matcher() if constraint is not None else None
         self.reseed(self.params.seed)
 
     def reseed(self, seed: int) -> None:
         self.params.seed = int(seed)
         self.rng = np.random.default_rng(None if seed < 0 else seed)
 
-    def filter(self, logits: np.ndarray, history=()):
-        """The candidate set after penalties, top-k, top-p, min-p and
-        temperature: (ids, logits) sorted descending (top-p alone on a vocabulary
-        over 4096: ascending ids)."""
+    def reset(self) -> None:
+        """Start a new output: the constraint's parse state goes back to the start
+        of the grammar (the random stream goes on; ``reseed`` restarts it)."""
+        if self.matcher is not None:
+            self.matcher.reset()
+
+    @property
+    def finished(self) -> bool:
+        """The constraint's grammar is complete: nothing but EOS may follow."""
+        return self.matcher is not None and self.matcher.finished
+
+    @property
+    def complete(self) -> bool:
+        """The output so far satisfies the constraint (True without one): False
+        after a cut-off (``-n``, a full context) means the output is unfinished."""
+        return self.matcher is None or self.matcher.accepting
+
+    def _masked(self, logits: np.ndarray, history):
+        """Penalised logits, restricted to the tokens the constraint allows:
+        (ids, x) where x[j] is token ids[j]'s logit; ids None means all tokens,
+        x[j] token j.  The allowed ids are ascending, so every later tie-break
+        by lower id still holds."""
         p = self.params
         x = apply_penalties(logits, history, p.repeat_last_n, p.repeat_penalty,
                             p.presence_penalty, p.frequency_penalty)
+        if self.matcher is None:
+            return None, x
+        ids = self.matcher.allowed_ids()
+        if ids.size == x.shape[0]:
+            return None, x
+        return ids, x[ids]
+
+    def filter(self, logits: np.ndarray, history=()):
+        """The candidate set after penalties, the constraint's mask, top-k, top-p,
+        min-p and temperature: (ids, logits) sorted descending (top-p alone on a
+        vocabulary over 4096: ascending ids)."""
+        p = self.params
+        base, x = self._masked(logits, history)
+
+        def all_ids():
+            return np.arange(x.shape[0], dtype=np.int64) if base is None else base
+
         if p.top_k > 0:
-            ids, x = top_k(None, x, p.top_k)
+            ids, x = top_k(base, x, p.top_k)
             ids, x = top_p(ids, x, p.top_p, sorted_desc=True)
             ids, x = min_p(ids, x, p.min_p)
         elif p.min_p > 0 and p.top_p < 1:
@@ -317,7 +363,7 @@ class Sampler:
             # a small set to sort.  If that set holds mass < p, top-p's prefix
             # is longer and min-p's set is the answer; else the nucleus lies
             # inside it, at threshold p / mass relative to the set.
-            ids, xs = min_p(np.arange(x.shape[0], dtype=np.int64), x, p.min_p)
+            ids, xs = min_p(all_ids(), x, p.min_p)
             mx = np.max(x)
             mass = np.exp(xs - mx).sum(dtype=np.float64) / np.exp(x - mx).sum(dtype=np.float64)
             x = xs
@@ -326,11 +372,11 @@ class Sampler:
         elif p.top_p < 1 and x.shape[0] > 4096:
             # top-p alone on a large vocabulary: the same set in O(V), ascending ids
             # (the order does not change the distribution drawn from)
-            ids = nucleus(np.ascontiguousarray(x, dtype=np.float32), float(p.top_p))
-            x = x[ids]
+            pos = nucleus(np.ascontiguousarray(x, dtype=np.float32), float(p.top_p))
+            x = x[pos]
+            ids = pos if base is None else base[pos]
         else:
-            ids = np.arange(x.shape[0], dtype=np.int64)
-            ids, x = top_p(ids, x, p.top_p)
+            ids, x = top_p(all_ids(), x, p.top_p)
             ids, x = min_p(ids, x, p.min_p)
         return ids, temperature(x, p.temp)
 
@@ -340,10 +386,17 @@ class Sampler:
         return ids, softmax(x)
 
     def sample(self, logits: np.ndarray, history=()) -> int:
+        m = self.matcher
+        if m is not None and m.finished:
+            return m.eos_id  # the grammar is complete: EOS is all that may follow
         p = self.params
         if p.temp <= 0:
-            x = apply_penalties(logits, history, p.repeat_last_n, p.repeat_penalty,
-                                p.presence_penalty, p.frequency_penalty)
-            return greedy(x)
-        ids, probs = self.probs(logits, history)
-        return int(ids[sample_categorical(probs, self.rng)])
+            base, x = self._masked(logits, history)
+            i = greedy(x)
+            tok = i if base is None else int(base[i])
+        else:
+            ids, probs = self.probs(logits, history)
+            tok = int(ids[sample_categorical(probs, self.rng)])
+        if m is not None:
+            m.consume(tok)
+        return tok

@@ -1,9 +1,17 @@
-"""A slow, obviously-correct NumPy float64 forward pass for llama / qwen2 / qwen3 GGUFs.
+"""A slow, obviously-correct NumPy float64 forward pass for llama / qwen2 / qwen3 / gemma3 GGUFs.
 
 A second oracle, independent of runtime/ on purpose: weights come from gguf-py's
 GGUFReader + gguf.quants.dequantize, the math is straight-line float64.
 RoPE style follows llama.cpp (llama_model_rope_type): llama -> "normal" (adjacent pairs,
-the converter permutes Q/K rows so this matches HF), qwen2 / qwen3 -> NEOX (halves).
+the converter permutes Q/K rows so this matches HF), qwen2 / qwen3 / gemma3 -> NEOX (halves).
+
+Gemma 3, as Google's gemma_pytorch and llama.cpp's gemma3 graph compute it (read from
+the paper and HF's Gemma3 config, not from runtime/arch.py): embeddings times
+sqrt(d_model); RMSNorm before and after attention and after the FFN (the GGUF's
+norm weights already hold HF's 1 + w); per-head QK RMSNorm; GELU (tanh form) gated
+FFN; every 6th layer (l % 6 == 5) global with rope.freq_base, the others local:
+RoPE base 10000 and a sliding window (key j visible to query i when i - j < window);
+scores scaled by 1/sqrt(head dim) (1/sqrt(d / heads) for the 62-layer 27B).
 
     reference_logits(path, ids) -> float64 [len(ids), n_vocab]
     reference_attention(path, ids) -> float64 [layers, heads, q, k] softmax weights
@@ -15,7 +23,9 @@ from functools import lru_cache
 
 import numpy as np
 
-NEOX_ARCHS = {"qwen2", "qwen3"}
+NEOX_ARCHS = {"qwen2", "qwen3", "gemma3"}
+GEMMA3_PERIOD = 6          # layers per (5 local + 1 global) group
+GEMMA3_LOCAL_BASE = 10000.0
 
 
 def _field(reader, key, default=None):
@@ -33,7 +43,7 @@ def load_weights(path: str):
 
     r = gguf.GGUFReader(path)
     arch = _field(r, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
         raise ValueError(f"reference forward does not support arch {arch!r}")
     g = lambda k, d=None: _field(r, f"{arch}.{k}", d)  # noqa: E731
     d = int(g("embedding_length"))
@@ -50,6 +60,13 @@ def load_weights(path: str):
     scale_type = g("rope.scaling.type", "none")
     factor = float(g("rope.scaling.factor", 0.0) or 0.0)
     hp["freq_scale"] = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
+    hp["scale"] = 1.0 / np.sqrt(hd)
+    hp["window"] = [0] * hp["n_layers"]      # 0: the layer attends to every earlier key
+    if arch == "gemma3":
+        n_swa = int(g("attention.sliding_window"))
+        hp["window"] = [n_swa if il % GEMMA3_PERIOD < GEMMA3_PERIOD - 1 else 0 for il in range(hp["n_layers"])]
+        if hp["n_layers"] == 62:  # Gemma 3 27B: query_pre_attn_scalar = d_model / heads
+            hp["scale"] = 1.0 / np.sqrt(d // H)
     W = {}
     for t in r.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))
@@ -79,17 +96,28 @@ def _rope(x, pos, n_rot, base, freq_scale, neox, factors=None):
     return out
 
 
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
 def _forward(path, ids):
     hp, W = load_weights(str(path))
     ids = np.asarray(ids, dtype=np.int64)
     n, H, KV, hd, eps = len(ids), hp["H"], hp["KV"], hp["hd"], hp["eps"]
+    gemma = hp["arch"] == "gemma3"
     neox = hp["arch"] in NEOX_ARCHS
     pos = np.arange(n, dtype=np.float64)
     causal = np.triu(np.ones((n, n), dtype=bool), 1)
     x = W["token_embd.weight"][ids]
+    if gemma:
+        x = x * np.sqrt(hp["d"])
     attn_all = []
     for i in range(hp["n_layers"]):
         p = f"blk.{i}."
+        window = hp["window"][i]
+        base, freq_scale = hp["base"], hp["freq_scale"]
+        if window:  # gemma3's local layers: their own RoPE base, no scaling
+            base, freq_scale = GEMMA3_LOCAL_BASE, 1.0
         h = _rms_norm(x, W[p + "attn_norm.weight"], eps)
         q = h @ W[p + "attn_q.weight"].T
         k = h @ W[p + "attn_k.weight"].T
@@ -101,21 +129,30 @@ def _forward(path, ids):
             q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
             k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
         ff = W.get("rope_freqs.weight")
-        q = _rope(q, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox, ff)
-        k = _rope(k, pos, hp["n_rot"], hp["base"], hp["freq_scale"], neox, ff)
+        q = _rope(q, pos, hp["n_rot"], base, freq_scale, neox, ff)
+        k = _rope(k, pos, hp["n_rot"], base, freq_scale, neox, ff)
         group = H // KV  # query head j uses KV head j // group
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
-        scores[:, causal] = -np.inf
+        scores = np.einsum("qhd,khd->hqk", q, k) * hp["scale"]
+        mask = causal
+        if window:  # query i sees keys j with i - j < window
+            mask = causal | (pos[:, None] - pos[None, :] >= window)
+        scores[:, mask] = -np.inf
         scores -= scores.max(-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(-1, keepdims=True)
         attn_all.append(probs)
-        o = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
-        x = x + o @ W[p + "attn_output.weight"].T
+        o = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1) @ W[p + "attn_output.weight"].T
+        if gemma:
+            o = _rms_norm(o, W[p + "post_attention_norm.weight"], eps)
+        x = x + o
         h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
         gate, up = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ W[p + "ffn_down.weight"].T
+        act = _gelu_tanh(gate) if gemma else gate / (1.0 + np.exp(-gate))
+        f = (act * up) @ W[p + "ffn_down.weight"].T
+        if gemma:
+            f = _rms_norm(f, W[p + "post_ffw_norm.weight"], eps)
+        x = x + f
     x = _rms_norm(x, W["output_norm.weight"], eps)
     out = W.get("output.weight", W["token_embd.weight"])  # absent: tied to the embeddings
     return x @ out.T, np.stack(attn_all)

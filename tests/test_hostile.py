@@ -684,7 +684,8 @@ def test_fuzz_hyperparameter_values(tmp_path_factory, key, value):
 def test_arch_table_drives_rope_style_and_biases():
     assert arch.FAMILIES["qwen2"].qkv_bias and arch.FAMILIES["qwen3"].qk_norm
     assert arch.rope_style("llama") == "normal" and arch.rope_style("qwen2") == "neox"
-    assert arch.rope_style("gemma3") == "neox" and not arch.FAMILIES["gemma3"].runs
+    assert arch.rope_style("gemma3") == "neox" and arch.FAMILIES["gemma3"].runs
+    assert "gemma3" in arch.RUNNABLE and not arch.FAMILIES["gemma2"].runs
 
 
 # ============================================================================

@@ -58,3 +58,22 @@ def test_forward_pass_loads_from_the_cache(tmp_path):
         assert r.returncode == 0, r.stderr
     hits, misses = map(int, runs[1].stdout.split())
     assert hits >= 1 and misses == 0, runs[1].stdout
+
+
+def test_first_run_says_it_is_compiling(tmp_path):
+    """A cold numba cache (the first run after install or an upgrade) gets one line on
+    stderr before the kernels compile; a warm one gets none."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "runtime", "generate", str(tmp_path / "absent.gguf"), "-p", "hi", "-n", "1"]
+
+    def run():
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "error:" in r.stderr  # the missing file, after the notice
+        return r.stderr
+
+    first = run()
+    assert first.count("compiling kernels for this CPU") == 1 and "first run only" in first
+    tagged = next((tmp_path / "cache").glob("numba-*"), None) or (tmp_path / "cache" / "numba-x")
+    (tagged / "some" / "dir").mkdir(parents=True, exist_ok=True)
+    (tagged / "some" / "dir" / "model.forward_layers-300.py311.nbi").write_bytes(b"")
+    assert "compiling kernels" not in run()

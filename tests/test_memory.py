@@ -215,20 +215,33 @@ def test_synthetic_qwen2_matches_llama_cpp(llama_cpp, qwen2_path):
         assert _close(comp, log["compute"][0], 0.05), (comp / MiB, log["compute"])
 
 
-def test_gemma3_sliding_window_cache_matches_llama_cpp(llama_cpp, gemma3_path):
-    """With swa_full off llama.cpp gives the sliding-window layers a cache of
-    n_swa + ubatch cells (padded to 256); the planner groups layers the same way."""
+@pytest.mark.parametrize("n_ctx", [4096, 32768])
+@pytest.mark.parametrize("swa_full", [False, True])
+def test_gemma3_sliding_window_cache_matches_llama_cpp(llama_cpp, gemma3_path, n_ctx, swa_full):
+    """With swa_full off (llama-server's and llama-cli's default) llama.cpp gives the
+    sliding-window layers a cache of n_swa + ubatch cells (padded to 256), with it
+    on (the C API's default) n_ctx cells; the planner groups layers the same way
+    and `plan --swa-full` chooses."""
     g, arch, w = _open(gemma3_path)
-    log = llama_cpp_log(llama_cpp, gemma3_path, n_ctx=4096, n_batch=512, swa_full=False)
-    p = memory.Planner(arch, w, n_ubatch=512, flash_attn=False, swa_full=False)
-    per_layer = p.kv_layers(4096)
+    log = llama_cpp_log(llama_cpp, gemma3_path, n_ctx=n_ctx, n_batch=512, swa_full=swa_full)
+    assert ("using full-size SWA cache" in log["text"]) == swa_full
+    p = memory.Planner(arch, w, n_ubatch=512, flash_attn=False, swa_full=swa_full)
+    per_layer = p.kv_layers(n_ctx)
     glob = sum(b for b, swa in zip(per_layer, arch.swa_layers) if not swa)
     swa = sum(b for b, swa in zip(per_layer, arch.swa_layers) if swa)
     (g_mib, g_cells, g_layers), (s_mib, s_cells, s_layers) = log["caches"]
-    assert g_cells == 4096 and s_cells == memory.pad_ctx(arch.n_swa + 512)
+    assert g_cells == n_ctx and s_cells == (n_ctx if swa_full else memory.pad_ctx(arch.n_swa + 512))
     assert (g_layers, s_layers) == (sum(not s for s in arch.swa_layers), sum(arch.swa_layers))
     assert _close(glob, g_mib, 0.01) and _close(swa, s_mib, 0.01)
     assert _close(w.total, log["model"][0], 0.01)
+    # the command: default off, --swa-full on; the same KV bytes as llama.cpp's two lines
+    r = _cli(str(gemma3_path), "--ctx", str(n_ctx), "--json", *(["--swa-full"] if swa_full else []))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["swa_full"] == swa_full and d["swa_cells"] == s_cells and d["n_swa_layers"] == s_layers
+    assert _close(d["kv_cache"]["total"], g_mib + s_mib, 0.01), (d["kv_cache"]["total"] / MiB, g_mib, s_mib)
+    text = _cli(str(gemma3_path), "--ctx", str(n_ctx), *(["--swa-full"] if swa_full else []))
+    assert f"15 sliding-window layers keep {s_cells} cells each" in text.stdout, text.stdout
 
 
 # llama.cpp's CUDA log lines (MiB) for the file _write_synthetic makes with
@@ -449,3 +462,43 @@ def test_cli_readme_table():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(memory.PRESETS)
     assert all(name in r.stdout for name in memory.PRESETS)
+
+
+@pytest.mark.parametrize("n_parallel", [1, 4])
+def test_parallel_slots_share_one_unified_cache_as_llama_cpp(llama_cpp, gemma3_path, n_parallel):
+    """plan -np: llama-server's slots share one unified KV cache of --ctx cells, so the
+    global layers' KV does not grow with -np, while each sliding-window layer keeps a
+    window per slot (n_swa * np + ubatch cells); checked against the log lines of a
+    llama.cpp context made with n_seq_max = np, kv_unified."""
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(gemma3_path).encode(),
+                                                     llama_cpp.llama_model_default_params())
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 4096, 512, 512, n_parallel
+        cp.kv_unified, cp.swa_full, cp.n_threads = True, False, 1
+        ctx = llama_cpp.llama_init_from_model(model, cp)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    caches = re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,", "".join(lines))
+    (g_mib, g_cells), (s_mib, s_cells) = [(float(m), int(c)) for m, c in caches]
+    r = _cli(str(gemma3_path), "--ctx", "4096", "-np", str(n_parallel), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["n_parallel"] == n_parallel and d["n_ctx_slot"] == 4096 // n_parallel
+    assert g_cells == 4096 and d["swa_cells"] == s_cells
+    assert _close(d["kv_cache"]["total"], g_mib + s_mib, 0.01), (d["kv_cache"]["total"] / MiB, g_mib, s_mib)
+    if n_parallel > 1:
+        text = _cli(str(gemma3_path), "--ctx", "4096", "-np", str(n_parallel)).stdout
+        assert f"-np {n_parallel}: one unified KV cache of 4096 cells" in text, text
+    assert _cli(str(gemma3_path), "-np", "0").returncode == 1

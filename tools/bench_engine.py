@@ -54,7 +54,7 @@ def main():
         s.eval([int(np.argmax(s.logits()))])
     tg_ours = a.n_gen / (time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    kv = s.kv.k.nbytes + s.kv.v.nbytes
+    kv = sum(a.nbytes for a in s.kv)  # global layers and sliding-window rings
     fsize = os.path.getsize(m.gguf.path)
     bound = 2 * fsize + kv
 

@@ -1,4 +1,4 @@
-"""Write synthetic llama / qwen2 / qwen3 GGUF files (F32 weights) with gguf-py's GGUFWriter.
+"""Write synthetic llama / qwen2 / qwen3 / gemma3 GGUF files (F32 weights) with gguf-py's GGUFWriter.
 
 The weights are random but scaled so that activations stay O(1) and the logits are peaky
 (output rows std 4/sqrt(d)), like a trained model's; every matrix row length is a multiple of
@@ -7,6 +7,11 @@ The weights are random but scaled so that activations stay O(1) and the logits a
 llama.cpp loads the file as an ordinary model.
 
     python tools/make_synthetic.py --arch qwen3 --gqa 3 --tied --out X.gguf
+    python tools/make_synthetic.py --arch gemma3 --layers 7 --out G.gguf
+
+gemma3 files carry Gemma 3's extra tensors (per-head QK norms, post_attention_norm,
+post_ffw_norm) and attention.sliding_window (default 32, so that a few hundred
+tokens run far past the window); with 6 layers or more, layer 5 is the first global one.
     python tools/make_synthetic.py --preset bench --out models/synthetic/bench.F32.gguf
 
 ``--preset bench`` is the speed benchmark's model (tools/PERF.md): SmolLM2-135M's shape
@@ -30,7 +35,7 @@ GENERATOR_VERSION = "1"
 
 @dataclass(frozen=True)
 class SynthSpec:
-    arch: str = "llama"          # llama | qwen2 | qwen3
+    arch: str = "llama"          # llama | qwen2 | qwen3 | gemma3
     n_layers: int = 2
     d_model: int = 256
     n_heads: int = 8
@@ -46,6 +51,7 @@ class SynthSpec:
     rope_freqs: float | None = None   # llama3-style rope_freqs.weight: factors 1 .. this over the pairs
     heads_per_layer: tuple | None = None  # per-layer head_count / head_count_kv arrays (llama.cpp's
     kv_per_layer: tuple | None = None     # get_key_or_arr); None: n_heads and n_kv_heads everywhere
+    sliding_window: int | None = None     # gemma3: attention.sliding_window of its local layers
 
     @property
     def n_kv_heads(self) -> int:
@@ -66,7 +72,14 @@ class SynthSpec:
 def default_spec(arch: str, gqa: int = 1, tied: bool = False, **kw) -> SynthSpec:
     """Per-arch defaults with every row length a multiple of 256: GQA 1 -> 8 heads,
     3 -> 12 heads (d=768), 8 -> 16 heads; qwen3 (d=512) gets an explicit
-    attention.key_length different from d_model / n_heads."""
+    attention.key_length different from d_model / n_heads.  gemma3: 7 layers (layer 5
+    global, the others local with a 32-token window), 4 query heads of 128 (key_length
+    != d / heads, as Gemma's 256 != 640 / 4), gqa 1, 2 or 4."""
+    if arch == "gemma3":
+        base = dict(arch=arch, gqa=gqa, tied=tied, n_layers=7, n_heads=4, d_model=256, head_dim=128,
+                    sliding_window=32)
+        base.update(kw)
+        return SynthSpec(**base)
     # qwen2 (like llama.cpp's loader) ignores key_length: head_dim must be d / heads there
     n_heads = {1: 8, 3: 12, 8: 16}.get(gqa, 8 * gqa)
     d = 768 if (n_heads == 12 and arch != "qwen3") else 512 if arch == "qwen3" else 256
@@ -138,6 +151,8 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), metad
     w.add_layer_norm_rms_eps(spec.rms_eps)
     w.add_rope_freq_base(spec.rope_base)
     w.add_rope_dimension_count(hd)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
     if spec.arch == "qwen3" or spec.head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -194,14 +209,19 @@ def write_synthetic(path, spec: SynthSpec | None = None, drop: tuple = (), metad
             w.add_tensor(p + "attn_q.bias", vec(H * hd))
             w.add_tensor(p + "attn_k.bias", vec(KV * hd))
             w.add_tensor(p + "attn_v.bias", vec(KV * hd))
-        if spec.arch == "qwen3":
+        if spec.arch in ("qwen3", "gemma3"):
             w.add_tensor(p + "attn_q_norm.weight", norm(hd))
             w.add_tensor(p + "attn_k_norm.weight", norm(hd))
         w.add_tensor(p + "attn_output.weight", mat(d, H * hd))
+        if spec.arch == "gemma3":
+            w.add_tensor(p + "post_attention_norm.weight", norm(d))
         w.add_tensor(p + "ffn_norm.weight", norm(d))
-        w.add_tensor(p + "ffn_gate.weight", mat(ffn, d))
+        # gate gain 2: GELU's curved part (|x| ~ 1-3) matters, not only its linear tail
+        w.add_tensor(p + "ffn_gate.weight", mat(ffn, d, 2.0 if spec.arch == "gemma3" else 1.0))
         w.add_tensor(p + "ffn_up.weight", mat(ffn, d))
         w.add_tensor(p + "ffn_down.weight", mat(d, ffn))
+        if spec.arch == "gemma3":
+            w.add_tensor(p + "post_ffw_norm.weight", norm(d))
     w.add_tensor("output_norm.weight", norm(d))
     if spec.rope_freqs:
         # llama3's shape: high-frequency pairs untouched, low-frequency ones slowed down
@@ -223,7 +243,7 @@ BENCH_SPEC = SynthSpec(arch="llama", n_layers=30, d_model=512, n_heads=8, gqa=4,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "gemma3"])
     ap.add_argument("--gqa", type=int, default=1, help="n_heads / n_kv_heads (1, 3, 8...)")
     ap.add_argument("--tied", action="store_true", help="no output.weight (tied to token_embd)")
     ap.add_argument("--layers", type=int, default=2)
