@@ -3,6 +3,7 @@ the offload/context searches, the RAM refusal, and the ``plan`` command."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import re
@@ -119,8 +120,9 @@ def _open(path):
     return g, arch, memory.weights_from_gguf(g, arch)
 
 
-def llama_cpp_log(llama_cpp, path, **kw) -> dict:
-    """Load ``path`` in llama.cpp and parse its buffer-size log lines (MiB)."""
+@contextlib.contextmanager
+def _llama_log(llama_cpp):
+    """Collect llama.cpp's log lines into the yielded list; its own logger afterwards."""
     lines: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -129,12 +131,18 @@ def llama_cpp_log(llama_cpp, path, **kw) -> dict:
 
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_threads=1, verbose=False, **kw)
-        llm.close()
+        yield lines
     finally:
         from llama_cpp import _logger
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def llama_cpp_log(llama_cpp, path, **kw) -> dict:
+    """Load ``path`` in llama.cpp and parse its buffer-size log lines (MiB)."""
+    with _llama_log(llama_cpp) as lines:
+        llm = llama_cpp.Llama(model_path=str(path), n_threads=1, verbose=False, **kw)
+        llm.close()
     text = "".join(lines)
 
     def all_of(pattern):
@@ -408,7 +416,6 @@ def test_cli_plan_text_and_json(smollm2_path):
     assert r.returncode == 0, r.stderr
     assert "fits: yes" in r.stdout and "Q4_K_M" in r.stdout
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
-    import contextlib
     import io
 
     buf = io.StringIO()
@@ -470,14 +477,7 @@ def test_parallel_slots_share_one_unified_cache_as_llama_cpp(llama_cpp, gemma3_p
     global layers' KV does not grow with -np, while each sliding-window layer keeps a
     window per slot (n_swa * np + ubatch cells); checked against the log lines of a
     llama.cpp context made with n_seq_max = np, kv_unified."""
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
+    with _llama_log(llama_cpp) as lines:
         model = llama_cpp.llama_model_load_from_file(str(gemma3_path).encode(),
                                                      llama_cpp.llama_model_default_params())
         cp = llama_cpp.llama_context_default_params()
@@ -486,10 +486,6 @@ def test_parallel_slots_share_one_unified_cache_as_llama_cpp(llama_cpp, gemma3_p
         ctx = llama_cpp.llama_init_from_model(model, cp)
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
-    finally:
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     caches = re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,", "".join(lines))
     (g_mib, g_cells), (s_mib, s_cells) = [(float(m), int(c)) for m, c in caches]
     r = _cli(str(gemma3_path), "--ctx", "4096", "-np", str(n_parallel), "--json")
