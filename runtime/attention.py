@@ -11,8 +11,13 @@ Three views of them:
   --out X.html  one self-contained page (inline CSS/JS, no fetches): layer and
              head pickers, a canvas heatmap whose hover shows query token, key
              token and weight, and a clickable table of per-head entropy.
-  --out X.png   the selected maps as tiles (layers down, heads across), written
-             with zlib + struct.
+  --out X.html  also a head view (query tokens linked to the keys they attend
+             to, bertviz-style) and a model view (every layer x head as a
+             thumbnail; click one to enlarge it).
+  --out X.png   the selected maps as titled tiles (layers down, heads across)
+             with token labels and a colour bar, drawn with matplotlib (the
+             ``plots`` extra); heatmap_rgb / write_png keep the dependency-free
+             one-pixel-per-cell image.
 
 Entropy of a query row is H = -sum_k p_k log2 p_k bits; a head's entropy is
 the mean over its query rows (0 = every query looks at one key; a uniform row
@@ -38,7 +43,7 @@ import numpy as np
 
 __all__ = ["row_entropy_bits", "head_entropy_bits", "most_attended", "token_labels",
            "colormap", "render_terminal", "render_entropy_table", "render_html",
-           "heatmap_rgb", "png_bytes", "write_png", "read_png", "cli_attention"]
+           "heatmap_rgb", "png_bytes", "write_png", "read_png", "plot_png", "cli_attention"]
 
 # A full set of maps above this size needs --layer (float32 bytes).
 MAX_MAP_BYTES = 512 * 1024 * 1024
@@ -284,6 +289,65 @@ def write_png(path, maps: np.ndarray) -> Path:
     return path
 
 
+def plot_png(path, maps: np.ndarray, labels: Sequence[str], layer_ids: Sequence[int],
+             head_ids: Sequence[int] | None = None, *, title: str = "") -> Path:
+    """The maps as a matplotlib figure (the ``plots`` extra): a tile per (layer, head),
+    layers down, titled, token labels on both axes where they fit, one colour bar
+    (viridis on sqrt(weight), as the other views), size growing with the tokens."""
+    from .inspection_views import require_matplotlib
+
+    plt = require_matplotlib()
+    from matplotlib.colors import PowerNorm
+
+    maps = np.asarray(maps, dtype=np.float32)
+    n_layers, n_heads, n_q, n_k = maps.shape
+    head_ids = list(range(n_heads)) if head_ids is None else list(head_ids)
+    if len(layer_ids) != n_layers or len(head_ids) != n_heads or len(labels) != n_k:
+        raise ValueError("layer ids / head ids / labels do not match the maps")
+    tiles = n_layers * n_heads
+    # inches per tile: readable token labels for one or a few maps, thumbnails for many
+    tile = (min(9.0, max(2.5, 0.2 * n_k + 1.0)) if tiles <= 4 else
+            min(4.0, max(1.2, 0.09 * n_k + 0.6)) if tiles <= 16 else min(2.0, max(0.9, 0.03 * n_k + 0.6)))
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(n_heads * tile + 1.6, n_layers * tile + 1.0),
+                             squeeze=False, layout="constrained", dpi=100)
+    cmap = plt.get_cmap("viridis").with_extremes(bad=tuple(_MASKED / 255))
+    above = np.triu(np.ones((n_q, n_k), bool), k=1 + (n_k - n_q))
+    fs = max(5.0, min(9.0, 220.0 / max(n_k, 1) * tile / 6))
+    every = tiles <= 4 and n_k <= 64
+    edge = tiles > 4 and 0.12 * n_k <= tile  # labels on the outer tiles where ~9 pt each fit
+    shown = [_visible(t, 12) for t in labels]
+    im = None
+    for li in range(n_layers):
+        for h in range(n_heads):
+            ax = axes[li, h]
+            im = ax.imshow(np.ma.masked_array(maps[li, h], above), cmap=cmap,
+                           norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+            name = f"layer {layer_ids[li]} head {head_ids[h]}" if tile >= 1.5 else f"L{layer_ids[li]} h{head_ids[h]}"
+            ax.set_title(name, fontsize=max(6.0, min(11.0, 3 * tile)))
+            if every or (edge and li == n_layers - 1):
+                ax.set_xticks(range(n_k))
+                ax.set_xticklabels(shown, rotation=90, fontsize=fs)
+            else:
+                ax.set_xticks([])
+            if every or (edge and h == 0):
+                ax.set_yticks(range(n_q))
+                ax.set_yticklabels(shown[n_k - n_q:], fontsize=fs)
+            else:
+                ax.set_yticks([])
+            if every or (li == n_layers - 1 and h == 0):
+                ax.set_xlabel("key", fontsize=8)
+                ax.set_ylabel("query", fontsize=8)
+    # a bar about three tiles tall however many layers there are
+    cb = fig.colorbar(im, ax=axes, shrink=min(0.9, 3.0 / n_layers), aspect=20, pad=0.01)
+    cb.set_label("attention weight (colour ~ sqrt)")
+    cb.set_ticks([0, 0.02, 0.1, 0.25, 0.5, 1.0])
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 # --------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------
@@ -339,6 +403,15 @@ table.ent td, table.ent th { padding: 2px 5px; text-align: right; }
 table.ent td { cursor: pointer; border: 1px solid #eee; }
 table.ent td.cur { outline: 2px solid #e33; }
 .note { color: #666; font-size: 12px; margin-top: 6px; }
+h2 { font-size: 14px; margin: 16px 0 2px; }
+#hv { background: #fff; border: 1px solid #ddd; }
+#hv text { font: 11px monospace; fill: #333; cursor: default; }
+#hv text.on { fill: #e33; font-weight: bold; }
+#hvinfo { font: 12px monospace; white-space: pre; margin-top: 4px; min-height: 3em; }
+#mv { display: grid; gap: 3px; margin-top: 6px; }
+#mv canvas { image-rendering: pixelated; border: 1px solid #ccc; cursor: pointer; }
+#mv canvas.cur { outline: 2px solid #e33; }
+#mv .lab { font: 10px monospace; color: #666; align-self: center; text-align: right; padding-right: 3px; }
 </style></head>
 <body>
 <h1>@@TITLE@@</h1>
@@ -352,6 +425,14 @@ table.ent td.cur { outline: 2px solid #e33; }
 <div class="note">rows: query tokens, columns: key tokens; colour ~ sqrt(weight); hover a cell for its weight.</div>
 <h2 style="font-size:14px;margin:14px 0 0">entropy per head (bits, mean over queries; click to show)</h2>
 <table class="ent" id="ent"></table>
+<h2>head view</h2>
+<div class="note">the selected layer and head: each query token (left) linked to the keys it attends to (right),
+line opacity ~ weight; hover a token on the left for its row.</div>
+<svg id="hv"></svg>
+<div id="hvinfo"></div>
+<h2>model view</h2>
+<div class="note">every layer (down) x head (across); click a thumbnail to enlarge it above.</div>
+<div id="mv"></div>
 <script type="application/json" id="data">@@DATA@@</script>
 <script>
 "use strict";
@@ -417,7 +498,96 @@ table.ent td.cur { outline: 2px solid #e33; }
     const td = document.getElementById("e" + cur.l + "_" + cur.h);
     if (td) td.classList.add("cur");
   }
-  function select(l, h) { cur = { l: l, h: h }; tip.style.display = "none"; draw(); }
+  function select(l, h) { cur = { l: l, h: h }; tip.style.display = "none"; draw(); drawHead(null); markThumb(); }
+
+  // Head view: queries left, keys right, a line per (query, key) weighted by opacity.
+  const hv = document.getElementById("hv"), hvinfo = document.getElementById("hvinfo");
+  const SVG = "http://www.w3.org/2000/svg", rowH = 16, colL = 150, colR = 330;
+  hv.setAttribute("width", String(colR + 160));
+  hv.setAttribute("height", String(n * rowH + 8));
+  const hvLines = document.createElementNS(SVG, "g");
+  hv.appendChild(hvLines);
+  const hvLeft = [], hvRight = [];
+  for (let i = 0; i < n; i++) {
+    for (const side of [0, 1]) {
+      const t = document.createElementNS(SVG, "text");
+      t.setAttribute("x", String(side ? colR + 4 : colL - 4));
+      t.setAttribute("y", String(8 + i * rowH + rowH / 2 + 4));
+      t.setAttribute("text-anchor", side ? "start" : "end");
+      t.textContent = D.tokens[i];
+      hv.appendChild(t);
+      (side ? hvRight : hvLeft).push(t);
+    }
+    hvLeft[i].addEventListener("mouseenter", () => drawHead(i));
+    hvLeft[i].addEventListener("mouseleave", () => drawHead(null));
+  }
+  function drawHead(focus) {
+    while (hvLines.firstChild) hvLines.removeChild(hvLines.firstChild);
+    hvLeft.forEach((t, i) => t.classList.toggle("on", i === focus));
+    for (let q = 0; q < n; q++) {
+      if (focus !== null && q !== focus) continue;
+      for (let k = 0; k <= q; k++) {
+        const w = weight(cur.l, cur.h, q, k);
+        if (w < (focus === null ? 0.02 : 0.001)) continue;
+        const ln = document.createElementNS(SVG, "line");
+        ln.setAttribute("x1", String(colL)); ln.setAttribute("x2", String(colR));
+        ln.setAttribute("y1", String(8 + q * rowH + rowH / 2)); ln.setAttribute("y2", String(8 + k * rowH + rowH / 2));
+        ln.setAttribute("stroke", "rgb(" + colourRGB(1).join(",") + ")");
+        ln.setAttribute("stroke-opacity", w.toFixed(4));
+        ln.setAttribute("stroke-width", "2");
+        ln.dataset.q = q; ln.dataset.k = k; ln.dataset.weight = String(w);
+        hvLines.appendChild(ln);
+      }
+    }
+    if (focus === null) { hvinfo.textContent = ""; return; }
+    const row = [];
+    for (let k = 0; k <= focus; k++) row.push([weight(cur.l, cur.h, focus, k), k]);
+    row.sort((a, b) => b[0] - a[0]);
+    hvinfo.textContent = "layer " + D.layers[cur.l] + " head " + cur.h + ", query " + focus + " " +
+      JSON.stringify(D.tokens[focus]) + " attends to:\n" + row.slice(0, 5).map(r =>
+        "  key " + r[1] + " " + JSON.stringify(D.tokens[r[1]]) + "  weight " + r[0].toFixed(6)).join("\n");
+  }
+  function colourRGB(v) {
+    const s = Math.sqrt(Math.min(1, Math.max(0, v))) * (D.viridis.length - 1);
+    const lo = Math.min(Math.floor(s), D.viridis.length - 2), t = s - lo;
+    const a = D.viridis[lo], b = D.viridis[lo + 1];
+    return [0, 1, 2].map(i => Math.round(a[i] * (1 - t) + b[i] * t));
+  }
+
+  // Model view: a thumbnail per (layer, head), one pixel per cell, scaled up.
+  const mv = document.getElementById("mv");
+  const thumb = Math.max(36, Math.min(96, Math.floor(900 / Math.max(1, H))));
+  mv.style.gridTemplateColumns = "auto repeat(" + H + ", " + (thumb + 2) + "px)";
+  mv.appendChild(document.createElement("div"));
+  for (let h = 0; h < H; h++) {
+    const lab = mv.appendChild(document.createElement("div"));
+    lab.className = "lab"; lab.style.textAlign = "center"; lab.textContent = "h" + h;
+  }
+  const thumbs = [];
+  D.layers.forEach((id, l) => {
+    const lab = mv.appendChild(document.createElement("div"));
+    lab.className = "lab"; lab.textContent = "L" + id;
+    for (let h = 0; h < H; h++) {
+      const c = document.createElement("canvas");
+      c.width = n; c.height = n; c.id = "th" + l + "_" + h;
+      c.style.width = thumb + "px"; c.style.height = thumb + "px";
+      c.title = "layer " + id + " head " + h + ": click to enlarge";
+      const g = c.getContext("2d"), img = g.createImageData(n, n);
+      for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
+        const o = 4 * (q * n + k), rgb = k <= q ? colourRGB(weight(l, h, q, k)) : [24, 24, 24];
+        img.data[o] = rgb[0]; img.data[o + 1] = rgb[1]; img.data[o + 2] = rgb[2]; img.data[o + 3] = 255;
+      }
+      g.putImageData(img, 0, 0);
+      c.addEventListener("click", () => { select(l, h); canvas.scrollIntoView({ block: "nearest" }); });
+      mv.appendChild(c);
+      thumbs.push(c);
+    }
+  });
+  function markThumb() {
+    thumbs.forEach(c => c.classList.remove("cur"));
+    const c = document.getElementById("th" + cur.l + "_" + cur.h);
+    if (c) c.classList.add("cur");
+  }
 
   // Entropy table: layers down, heads across, shaded by entropy.
   const table = document.getElementById("ent");
@@ -467,6 +637,18 @@ table.ent td.cur { outline: 2px solid #e33; }
   // For automated checks: where a cell is on screen, what it holds.
   window.attentionPage = {
     select: select, weight: weight, n: n, heads: H, layers: D.layers,
+    current: () => ({ l: cur.l, h: cur.h }),
+    thumbCenter: function (l, h) {
+      const c = document.getElementById("th" + l + "_" + h);
+      c.scrollIntoView({ block: "center" });
+      const r = c.getBoundingClientRect();
+      return { x: r.left + r.width / 2, y: r.top + r.height / 2 };
+    },
+    headViewToken: function (q) {
+      hvLeft[q].scrollIntoView({ block: "center" });
+      const r = hvLeft[q].getBoundingClientRect();
+      return { x: r.left + r.width / 2, y: r.top + r.height / 2 };
+    },
     cellCenter: function (q, k) {
       const r = canvas.getBoundingClientRect();
       return { x: r.left + (left + (k + 0.5) * cell) * r.width / canvas.width,
@@ -474,6 +656,8 @@ table.ent td.cur { outline: 2px solid #e33; }
     }
   };
   draw();
+  drawHead(null);
+  markThumb();
 })();
 </script>
 </body></html>
@@ -506,6 +690,10 @@ def cli_attention(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".html", ".htm", ".png"):
         raise CLIError(f"--out must end in .html or .png (got {args.out})")
+    if out is not None and out.suffix.lower() == ".png":
+        from .inspection_views import require_matplotlib
+
+        require_matplotlib()  # before the model runs: a missing extra is a one-line error
     model = Model.load(args.model)
     n_layers, n_heads = model.args.n_layers, model.args.n_heads
     layer = _pick(args.layer, n_layers, "layer")
@@ -534,7 +722,8 @@ def cli_attention(args) -> int:
 
     if out is not None and out.suffix.lower() == ".png":
         sel = maps if head is None else maps[:, head:head + 1]
-        write_png(out, sel)
+        heads = list(range(n_heads)) if head is None else [head]
+        plot_png(out, sel, labels, layers, heads, title=f"attention: {name}")
         print(f"wrote {out} ({len(layers)} layer(s) x {sel.shape[1]} head(s), {len(ids)} tokens)")
         return 0
     if out is not None:

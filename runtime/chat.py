@@ -23,9 +23,10 @@ import time
 
 from .cli import CLIError
 from .generate import Timings, cut_short_message, load_model, stream_reply
+from .reasoning import ReasoningSplitter, starts_thinking
 from .sampling import Sampler, SamplerParams
 
-__all__ = ["ChatSession", "cli_chat", "DEFAULT_MODEL"]
+__all__ = ["ChatSession", "cli_chat", "DEFAULT_MODEL", "render_prompt", "special_texts", "write_reply"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -65,6 +66,32 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def special_texts(tokenizer) -> tuple[str, str]:
+    """BOS and EOS as text, for the templates' bos_token / eos_token."""
+    def text(i):
+        return tokenizer.token_to_piece(i, True).decode("utf-8", "replace") if i is not None else ""
+
+    return text(tokenizer.bos_id), text(tokenizer.eos_id)
+
+
+def render_prompt(tokenizer, template: str | None, messages: list[dict], *, max_chars: int | None = None,
+                  **template_kwargs) -> tuple[list[int], str]:
+    """A conversation as the prompt of the next assistant turn: (token ids, text).
+
+    The GGUF's template (ChatML when it has none), then our tokenizer with special
+    tokens parsed; BOS is added where the vocabulary asks for it unless the template
+    wrote it itself.  ``template_kwargs`` become template variables
+    (``enable_thinking``).  Raises chat_template.PromptTooLongError when the text
+    exceeds ``max_chars``.  ``chat`` and the server both build prompts here."""
+    from .chat_template import render_chat
+
+    bos_text, eos_text = special_texts(tokenizer)
+    text = render_chat(template, messages, add_generation_prompt=True, bos_token=bos_text,
+                       eos_token=eos_text, max_chars=max_chars, **template_kwargs)
+    add_special = not (tokenizer.add_bos and bos_text and text.startswith(bos_text))
+    return tokenizer.tokenize(text, add_special=add_special, parse_special=True), text
+
+
 class ChatSession:
     """A conversation over one model and one KV cache.
 
@@ -73,7 +100,8 @@ class ChatSession:
     them)."""
 
     def __init__(self, model, *, system: str | None = None, params: SamplerParams | None = None,
-                 n_predict: int = -1, notify=None, constraint=None):
+                 n_predict: int = -1, notify=None, constraint=None, reasoning_format: str = "deepseek",
+                 think: bool | None = None, template_kwargs: dict | None = None):
         self.model = model
         self.tokenizer = model.tokenizer
         self.n_ctx = model.n_ctx
@@ -88,9 +116,17 @@ class ChatSession:
             from .chat_template import prestart_worker
 
             prestart_worker()  # the template process starts while the user types
-        tok = self.tokenizer
-        self.bos_text = tok.token_to_piece(tok.bos_id, True).decode("utf-8", "replace") if tok.bos_id is not None else ""
-        self.eos_text = tok.token_to_piece(tok.eos_id, True).decode("utf-8", "replace") if tok.eos_id is not None else ""
+        if reasoning_format not in ("deepseek", "none"):
+            raise ValueError(f"reasoning_format must be 'deepseek' or 'none', got {reasoning_format!r}")
+        # deepseek: a reasoning model's <think> block is told apart from the answer
+        # (reply_parts); none: it is part of the reply text, tags and all
+        self.reasoning_format = reasoning_format
+        # template variables; think True/False is enable_thinking (Qwen3's switch),
+        # None leaves the template's own default
+        self.template_kwargs = dict(template_kwargs or {})
+        if think is not None:
+            self.template_kwargs["enable_thinking"] = bool(think)
+        self.prompt_text = ""              # the last rendered prompt (does it open <think>?)
         self.session = model.session()
         self.messages: list[dict] = []     # user/assistant turns, system kept apart
         self.cached: list[int] = []        # tokens in the KV cache, in order (len == n_past)
@@ -100,20 +136,22 @@ class ChatSession:
         self._stop = False
 
     # ------------------------------------------------------------ prompt
-    def render_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation's prompt as tokens.  PromptTooLongError when its text
-        is too long to fit at all (refused before tokenizing it)."""
-        from .chat_template import MAX_CHARS_PER_TOKEN, render_chat
+    def render(self, messages: list[dict]) -> tuple[list[int], str]:
+        """The conversation's prompt: (tokens, text).  PromptTooLongError when its
+        text is too long to fit at all (refused before tokenizing it).
+
+        Earlier replies are stored whole, thinking included: whether it reaches the
+        prompt again is the template's decision (Qwen3's and the R1 distills' drop
+        it), and where that makes the rendering differ from the cache, _prefill
+        keeps the longest common prefix."""
+        from .chat_template import MAX_CHARS_PER_TOKEN
 
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        text = render_chat(self.template, full, add_generation_prompt=True,
-                           bos_token=self.bos_text, eos_token=self.eos_text,
-                           max_chars=MAX_CHARS_PER_TOKEN * self.n_ctx)
-        tok = self.tokenizer
-        add_special = True
-        if tok.add_bos and self.bos_text and text.startswith(self.bos_text):
-            add_special = False  # the template wrote BOS itself: don't double it
-        return tok.tokenize(text, add_special=add_special, parse_special=True)
+        return render_prompt(self.tokenizer, self.template, full, max_chars=MAX_CHARS_PER_TOKEN * self.n_ctx,
+                             **self.template_kwargs)
+
+    def render_ids(self, messages: list[dict]) -> list[int]:
+        return self.render(messages)[0]
 
     def _fit(self) -> list[int]:
         """Render the conversation, dropping the oldest turns until it fits
@@ -124,7 +162,7 @@ class ChatSession:
         dropped = 0
         while True:
             try:
-                ids = self.render_ids(self.messages)
+                ids, self.prompt_text = self.render(self.messages)
             except PromptTooLongError:
                 ids = None  # too long to tokenize, so too long to fit: like too many tokens
             if (ids is not None and len(ids) + room <= self.n_ctx) or len(self.messages) <= 1:
@@ -206,6 +244,31 @@ class ChatSession:
         if cut and self.timings.stop != "interrupted":
             self.notify(f"[{cut}]")
 
+    def reply_parts(self, text: str):
+        """``reply``, with a reasoning model's thinking told apart from its answer:
+        yields ("thinking", text) and ("answer", text) pieces.  The block between
+        ``<think>`` and ``</think>`` is thinking, also when the prompt itself opened
+        it (the R1 distills), wherever the stream splits the tags; with
+        reasoning_format "none" everything is answer, tags included."""
+        split = None
+        for piece in self.reply(text):
+            if self.reasoning_format == "none":
+                yield "answer", piece
+                continue
+            if split is None:  # the prompt is rendered by now (reply renders it first)
+                split = ReasoningSplitter(starts_thinking(self.prompt_text))
+            think, answer = split.feed(piece)
+            if think:
+                yield "thinking", think
+            if answer:
+                yield "answer", answer
+        if split is not None:
+            think, answer = split.flush()
+            if think:
+                yield "thinking", think
+            if answer:
+                yield "answer", answer
+
     def say(self, text: str) -> str:
         return "".join(self.reply(text))
 
@@ -275,7 +338,48 @@ class ChatSession:
 
 # ---------------------------------------------------------------- the loop
 
-def _interactive(chat: ChatSession, name: str) -> int:
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"   # SGR faint on / normal intensity
+
+
+def write_reply(chat: ChatSession, text: str, out, thinking_out=None, *, dim: bool = False,
+                hide_thinking: bool = False) -> None:
+    """Stream the reply to ``text``: the answer to ``out``, a reasoning model's
+    thinking to ``thinking_out`` (``out`` when None), in faint text when ``dim``
+    (a terminal), or nowhere with ``hide_thinking``.  Where both go to the same
+    stream a line break separates the thinking from the answer."""
+    think_out = out if thinking_out is None else thinking_out
+    faint = False       # an SGR faint run is open on think_out
+    pending_break = False
+    wrote_thinking = False
+    try:
+        for kind, piece in chat.reply_parts(text):
+            if kind == "thinking":
+                if hide_thinking:
+                    continue
+                if dim and not faint:
+                    think_out.write(DIM)
+                    faint = True
+                think_out.write(piece)
+                think_out.flush()
+                wrote_thinking = pending_break = True
+                continue
+            if faint:
+                think_out.write(UNDIM)
+                faint = False
+            if pending_break and think_out is out:
+                out.write("\n")
+            pending_break = False
+            out.write(piece)
+            out.flush()
+    finally:
+        if faint:
+            think_out.write(UNDIM)
+        if wrote_thinking and think_out is not out:
+            think_out.write("\n")   # the thinking of one reply is one block of lines
+        think_out.flush()
+
+
+def _interactive(chat: ChatSession, name: str, hide_thinking: bool = False) -> int:
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
@@ -311,9 +415,7 @@ def _interactive(chat: ChatSession, name: str) -> int:
         # between tokens, so the KV cache never sees half a step.
         old = signal.signal(signal.SIGINT, on_sigint)
         try:
-            for piece in chat.reply(line):
-                out.write(piece)
-                out.flush()
+            write_reply(chat, line, out, dim=out.isatty(), hide_thinking=hide_thinking)
         except CLIError as e:
             print(f"error: {e}", file=out, flush=True)
             continue
@@ -325,7 +427,9 @@ def _interactive(chat: ChatSession, name: str) -> int:
         out.flush()
 
 
-def _piped(chat: ChatSession) -> int:
+def _piped(chat: ChatSession, hide_thinking: bool = False) -> int:
+    """One reply per message line on stdout; a reasoning model's thinking goes to
+    stderr (a script reads the answers alone), unless hidden."""
     out = sys.stdout
     for raw in sys.stdin:
         line = raw.rstrip("\r\n")
@@ -337,9 +441,7 @@ def _piped(chat: ChatSession) -> int:
                 return 0
             print(msg, file=sys.stderr, flush=True)
             continue
-        for piece in chat.reply(line):
-            out.write(piece)
-            out.flush()
+        write_reply(chat, line, out, sys.stderr, hide_thinking=hide_thinking)
         out.write("\n")
         out.flush()
     return 0
@@ -348,12 +450,14 @@ def _piped(chat: ChatSession) -> int:
 def cli_chat(args) -> int:
     name = args.model or DEFAULT_MODEL
     params = SamplerParams.from_args(args)
-    model = load_model(name, n_ctx=args.ctx_size)
+    model = load_model(name, n_ctx=args.ctx_size, precision=getattr(args, "precision", "fast"))
     from .constraint import from_args
 
     constraint = from_args(args, model.tokenizer)
     chat = ChatSession(model, system=args.system, params=params, n_predict=args.n_predict,
-                       constraint=constraint)
+                       constraint=constraint, reasoning_format=getattr(args, "reasoning_format", "deepseek"),
+                       think=getattr(args, "think", None))
+    hide = bool(getattr(args, "hide_thinking", False))
     if sys.stdin.isatty():
-        return _interactive(chat, name)
-    return _piped(chat)
+        return _interactive(chat, name, hide_thinking=hide)
+    return _piped(chat, hide_thinking=hide)

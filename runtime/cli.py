@@ -66,6 +66,12 @@ def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
     x.add_argument("--grammar-file", metavar="FILE", default=None, help="--grammar, read from FILE")
 
 
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fast", choices=["fast", "exact"],
+                   help="matmul activations: fast = rounded to integers as llama.cpp does (int8 at decode, "
+                        "int16 in prefill; default); exact = float32 in every matmul (slower)")
+
+
 def _add_model_flags(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     if model_optional:
         p.add_argument("model", nargs="?", default=None, help="GGUF path or registry name (default: smollm2-135m-instruct)")
@@ -99,6 +105,7 @@ def _add_generate(sub) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate, -1 = until EOS (default 128)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (content, finish_reason, timings) instead of streaming text")
+    _add_precision_flag(p)
     _add_sampling_flags(p)
     _add_constraint_flags(p)
     p.set_defaults(func=_handler("runtime.generate:cli_generate"))
@@ -109,6 +116,16 @@ def _add_chat(sub) -> None:
     _add_model_flags(p, model_optional=True)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-n", "--n-predict", type=int, default=-1, help="max tokens per reply, -1 = until EOS")
+    g = p.add_argument_group("reasoning models (<think> ... </think>)")
+    g.add_argument("--reasoning-format", default="deepseek", choices=["deepseek", "none"],
+                   help="deepseek: thinking shown apart from the answer, dimmed (default); none: left in the reply")
+    g.add_argument("--hide-thinking", action="store_true", help="do not show the thinking, only the answer")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--think", dest="think", action="store_true", default=None,
+                   help="enable_thinking=true for templates that read it (Qwen3)")
+    t.add_argument("--no-think", dest="think", action="store_false",
+                   help="enable_thinking=false: the template asks the model to answer without thinking")
+    _add_precision_flag(p)
     _add_sampling_flags(p)
     _add_constraint_flags(p)
     p.set_defaults(func=_handler("runtime.chat:cli_chat"))
@@ -117,10 +134,19 @@ def _add_chat(sub) -> None:
 def _add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama-perplexity method)")
     p.add_argument("model", help="GGUF path or registry name")
-    p.add_argument("file", help="text file")
-    p.add_argument("--ctx", "-c", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("file", nargs="?", default=None,
+                   help="text file (with --kl-divergence: optional, checked against the file's tokens)")
+    p.add_argument("--ctx", "-c", type=int, default=None,
+                   help="tokens per chunk (default 512; with --kl-divergence the file's)")
     p.add_argument("--chunks", type=int, default=-1, help="max chunks, -1 = all")
-    p.add_argument("--kl-base", default=None, help="base model to compare against (KL divergence, top-1)")
+    p.add_argument("--kl-base", default=None, help="base model to compare against, live (llama-perplexity's "
+                   "KL table: KLD, PPL ratio, delta-p, same top p)")
+    p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
+                   help="llama-perplexity's log-prob file: written with the model's log-probs, or with "
+                        "--kl-divergence read as the base")
+    p.add_argument("--kl-divergence", action="store_true",
+                   help="compare the model against the --kl-divergence-base file (its tokens, its chunks)")
+    _add_precision_flag(p)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("runtime.perplexity:cli_perplexity"))
@@ -135,6 +161,36 @@ def _add_attention(sub) -> None:
     p.add_argument("--out", default=None, help="write page.html or heatmap.png")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.set_defaults(func=_handler("runtime.attention:cli_attention"))
+
+
+def _add_lens(sub) -> None:
+    p = sub.add_parser("lens", help="logit lens: what each layer's residual stream would predict")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("-p", "--prompt", required=True, help="text to run")
+    p.add_argument("--top", type=int, default=5, help="tokens per layer and position (default 5)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="L",
+                   help="residual points to decode, e.g. 0,10,-1 (0 = embeddings, n_layers = the "
+                        "last layer's output; negatives count from the end; default all)")
+    p.add_argument("--out", default=None, help="write lens.html or lens.png")
+    p.add_argument("--json", action="store_true", help="print the lens as one JSON object")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: model's, capped at 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.set_defaults(func=_handler("runtime.inspection:cli_lens"))
+
+
+def _add_surprise(sub) -> None:
+    p = sub.add_parser("surprise", help="every token's probability, rank and entropy (per-token perplexity)")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("file", nargs="?", default=None, help="text file (or -p TEXT)")
+    p.add_argument("-p", "--prompt", default=None, help="text to score")
+    p.add_argument("--kl-base", default=None,
+                   help="another quantization of the model: per-token KL(base || model), as perplexity --kl-base")
+    p.add_argument("--worst", type=int, default=10, help="rows in the list of the most surprising tokens (default 10)")
+    p.add_argument("--out", default=None, help="write page.html or picture.png")
+    p.add_argument("--json", action="store_true", help="print one JSON object, a row per token")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: model's, capped at 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.set_defaults(func=_handler("runtime.inspection:cli_surprise"))
 
 
 def _add_plan(sub) -> None:
@@ -189,12 +245,41 @@ def _add_serve(sub) -> None:
     p.add_argument("--reasoning-format", default="deepseek", choices=["deepseek", "none"],
                    help="deepseek: <think> text goes to reasoning_content (default); none: left in content")
     p.add_argument("--verbose", action="store_true", help="uvicorn's info and access log")
+    _add_precision_flag(p)
     _add_sampling_flags(p)
     p.set_defaults(func=_handler("runtime.server:cli_serve"))
 
 
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a GGUF file (llama.cpp's quantizer, byte for byte)")
+    p.add_argument("input", metavar="IN.gguf", help="F32 / F16 / BF16 (or quantized) GGUF file")
+    p.add_argument("output", metavar="OUT.gguf", help="file to write (never IN; appears only when complete)")
+    p.add_argument("type", metavar="TYPE", help="Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
+                   "Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS F16 BF16 F32 (case-insensitive)")
+    p.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="importance matrix (llama-imatrix's GGUF format) for the quantizers that take one")
+    p.add_argument("--pure", action="store_true",
+                   help="every matrix at TYPE's default type: no mix rules (row-length fallbacks still apply)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per tensor on stderr")
+    p.set_defaults(func=_handler("runtime.quantize:cli_quantize"))
+
+
+def _add_imatrix(sub) -> None:
+    p = sub.add_parser("imatrix", help="importance matrix for quantize --imatrix (llama-imatrix's method and file)")
+    p.add_argument("model", help="GGUF path or registry name")
+    p.add_argument("file", metavar="FILE", help="calibration text (UTF-8)")
+    p.add_argument("-o", "--output", default="imatrix.gguf", help="file to write (default imatrix.gguf)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512, as llama-imatrix)")
+    p.add_argument("--chunks", type=int, default=-1, help="evaluate at most N chunks (default: all)")
+    p.add_argument("--process-output", action="store_true", help="also collect output.weight's inputs")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.set_defaults(func=_handler("runtime.imatrix:cli_imatrix"))
+
+
 COMMANDS = [_add_info, _add_pull, _add_chat, _add_generate, _add_perplexity,
-            _add_attention, _add_plan, _add_bench, _add_serve]
+            _add_attention, _add_lens, _add_surprise, _add_plan, _add_bench, _add_serve, _add_quantize,
+            _add_imatrix]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that run the engine's compiled kernels
-_COMPUTING = {"generate", "chat", "perplexity", "attention", "bench", "serve", "lens", "surprise"}
+_COMPUTING = {"generate", "chat", "perplexity", "attention", "bench", "serve", "lens", "surprise",
+              "imatrix"}
 
 
 def _jit_cache_warm() -> bool:

@@ -108,13 +108,14 @@ def stream_reply(session, tokenizer, sampler: Sampler, *, n_predict: int, n_ctx:
         timings.complete = sampler.complete if sampler.constraint is not None else None
 
 
-def load_model(name_or_path, n_ctx=None):
-    """Model.load with a one-line error for the user when the file is bad."""
+def load_model(name_or_path, n_ctx=None, precision: str = "fast"):
+    """Model.load with a one-line error for the user when the file is bad.
+    precision: "fast" (llama.cpp's integer activations) or "exact" (float32 in every matmul)."""
     from .model import Model
     from .registry import resolve_model
 
     path = resolve_model(name_or_path)
-    return Model.load(path, n_ctx=n_ctx)
+    return Model.load(path, n_ctx=n_ctx, precision=precision)
 
 
 def finish_reason(timings: Timings) -> str:
@@ -142,7 +143,7 @@ def _finite(x: float):
 
 def cli_generate(args) -> int:
     params = SamplerParams.from_args(args)
-    model = load_model(args.model, n_ctx=args.ctx_size)
+    model = load_model(args.model, n_ctx=args.ctx_size, precision=getattr(args, "precision", "fast"))
     tok = model.tokenizer
     if len(args.prompt) > MAX_CHARS_PER_TOKEN * model.n_ctx:  # refused before paying to tokenize it
         raise CLIError(f"the prompt has {len(args.prompt)} characters, more than can fit in the "

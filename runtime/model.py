@@ -169,8 +169,13 @@ def attention_block(x, n_past, w, l, cfg, kv, rope_cs, capture, exact):
     q, k, v = _qkv(x, w, l, cfg, rope_cs, exact)
     ops.kv_write(k, v, kc, vc, n_past, cfg.n_kv_heads, hd, hdv)
     att = np.empty((n, cfg.n_heads * hdv), np.float32)
+    # The block attention kernel on the hot path and for --precision exact (exact
+    # False); inspection (exact True) keeps one query at a time in every layer.
+    blocks = True
+    if exact is not None:
+        blocks = not exact
     ops.attention(q, kc, vc, n_past, cfg.n_heads, cfg.n_kv_heads,
-                  np.float32(cfg.attn_scale), att, capture, exact is None, n_swa)
+                  np.float32(cfg.attn_scale), att, capture, blocks, n_swa)
     return _post_norm(_linear(att, w, w.mats[l][WO], exact), w.post_attn_norm, l, cfg)
 
 
@@ -235,7 +240,9 @@ def forward_layers(x, pos, n_past, w, cfg, kv, inv_freq, capture, cap_index, exa
     the reference math's to float32.  exact is None on the hot path: numba then
     compiles none of the float-activation branches (each `exact is not None` is
     decided at compile time), so generation neither pays for nor compiles the
-    inspection path, and inspection is its own compiled entry."""
+    inspection path, and inspection is its own compiled entry.  exact False is
+    Model precision "exact": the same float32 activations (the same compiled
+    entry: True and False are one numba type), with the block attention kernel."""
     empty3 = np.zeros((0, 0, 0), np.float32)
     rope_cs = ops.rope_table(pos, inv_freq)  # the same angles in every (global) layer
     rope_cs_swa = ops.rope_table(pos, cfg.inv_freq_swa)  # sliding layers' own base (Gemma)
@@ -260,11 +267,12 @@ def forward_rows(x, pos, slots, w, cfg, kv, inv_freq):
 class Model:
     """A GGUF model ready to evaluate: weights mapped, config parsed, kernels shared."""
 
-    def __init__(self, gguf, args: HParams, n_ctx: int, kv_type: str):
+    def __init__(self, gguf, args: HParams, n_ctx: int, kv_type: str, precision: str = "fast"):
         self.gguf = gguf
         self.args = args
         self.n_ctx = n_ctx
         self.kv_type = kv_type
+        self.precision = precision
         self.n_vocab = args.n_vocab
         self._tokenizer = None
         self._session = None
@@ -355,13 +363,14 @@ class Model:
 
     @classmethod
     def load(cls, path_or_name, n_ctx: int | None = None, kv_type: str = "f16",
-             n_threads: int | None = None) -> "Model":
+             n_threads: int | None = None, precision: str = "fast") -> "Model":
         from .gguf import GGUFFile
         from .registry import resolve_model
         from .threads import set_threads
 
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
+        _check_precision(precision)
         path = Path(path_or_name)
         if not path.exists():
             path = resolve_model(str(path_or_name))
@@ -374,7 +383,20 @@ class Model:
         check_host_memory(g, n_ctx, kv_type)
         if n_threads:  # else keep the current setting (all cores unless -t / set_threads said otherwise)
             set_threads(n_threads)
-        return cls(g, args, n_ctx, kv_type)
+        return cls(g, args, n_ctx, kv_type, precision)
+
+    @property
+    def precision(self) -> str:
+        """Activations entering the matmuls: "fast" rounds them to integers as
+        llama.cpp does (int8 at decode, int16 in prefill), "exact" keeps float32
+        in every matmul, output projection included (slower; separates the
+        weights' quantization error from the activations').  Sessions made
+        without a precision of their own follow this one."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = _check_precision(value)
 
     # -- tokenizer -----------------------------------------------------------
     @property
@@ -391,13 +413,13 @@ class Model:
         return self.tokenizer.detokenize(*a, **kw)
 
     # -- evaluation ----------------------------------------------------------
-    def session(self, n_ctx: int | None = None, swa_full: bool = False) -> "Session":
-        return Session(self, n_ctx or self.n_ctx, swa_full=swa_full)
+    def session(self, n_ctx: int | None = None, swa_full: bool = False, precision: str | None = None) -> "Session":
+        return Session(self, n_ctx or self.n_ctx, swa_full=swa_full, precision=precision)
 
-    def session_pool(self, n_slots: int, n_ctx: int | None = None) -> "SessionPool":
+    def session_pool(self, n_slots: int, n_ctx: int | None = None, precision: str | None = None) -> "SessionPool":
         """n_slots sequences of n_ctx positions each in one KV allocation, decoded
         together by SessionPool.decode (the server's continuous batching)."""
-        return SessionPool(self, n_slots, n_ctx or self.n_ctx)
+        return SessionPool(self, n_slots, n_ctx or self.n_ctx, precision=precision)
 
     def _scratch_session(self, n: int, swa_full: bool = False) -> "Session":
         """The model's own session for logits() (sliding-window rings as generation
@@ -441,6 +463,20 @@ class Model:
         self._scratch_session(n, swa_full=True).eval(ids, capture=(out, layers))
         return out
 
+    def trace(self, ids, layers=None, parts=("resid",)) -> dict:
+        """Activations of a fresh causal sequence with float32 activations, as attention():
+        {"resid": [len(layers), n, d] (stream point 0 = embeddings, l + 1 = after layer l),
+        "attn_out", "mlp_out": what each layer adds, "logits": [n, n_vocab]}; see
+        runtime/inspection.py (its own compiled entry; the hot path is untouched)."""
+        from .inspection import trace
+        return trace(self, ids, layers, parts)
+
+    def patch(self, source_ids, target_ids, layer: int, positions) -> np.ndarray:
+        """Activation patching: the target run's logits with the residual stream at
+        point ``layer`` (trace's indexing) and ``positions`` taken from the source run."""
+        from .inspection import patch
+        return patch(self, source_ids, target_ids, layer, positions)
+
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         bad = (ids < 0) | (ids >= self.n_vocab)
         if bad.any():
@@ -451,13 +487,26 @@ class Model:
             x *= self.embed_scale
         return x
 
-    def project_out(self, h: np.ndarray) -> np.ndarray:
-        """Final RMSNorm then the output matrix: logits float32 [n, n_vocab]."""
+    def project_out(self, h: np.ndarray, exact: bool = False) -> np.ndarray:
+        """Final RMSNorm then the output matrix: logits float32 [n, n_vocab];
+        exact: float32 activations (quant.matmul) instead of llama.cpp's rounding."""
         hn = np.empty_like(h)
         ops.rms_norm(h, self.output_norm, self.config.eps, hn)
         out = np.empty((h.shape[0], self.n_vocab), np.float32)
-        quant.matmul_q8(self.output.type_id, self.output.w, hn, out)
+        if exact:
+            quant.matmul(self.output.type_id, self.output.w, hn, out)
+        else:
+            quant.matmul_q8(self.output.type_id, self.output.w, hn, out)
         return out
+
+
+PRECISIONS = ("fast", "exact")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'fast' or 'exact', got {precision!r}")
+    return precision
 
 
 def swa_cells(args: HParams, n_ctx: int, swa_full: bool = False) -> int:
@@ -490,15 +539,22 @@ class Session:
     """A sequence being evaluated: its own KV cache, preallocated to n_ctx (sliding-
     window layers: a ring of swa_cells(); swa_full keeps every position there too)."""
 
-    def __init__(self, model: Model, n_ctx: int, kv: KVCache | None = None, swa_full: bool = False):
+    def __init__(self, model: Model, n_ctx: int, kv: KVCache | None = None, swa_full: bool = False,
+                 precision: str | None = None):
         self.model = model
         self.n_ctx = n_ctx
+        self._precision = None if precision is None else _check_precision(precision)
         self.kv = kv if kv is not None else _kv_alloc(model, (), n_ctx, swa_full)
         self.n_past = 0
         self._tokens: list[int] = []
         self._last_h = None  # final hidden state of the last evaluated position
         self._written = 0    # 1 + the highest position ever written since reset
         self.reprocessed = 0  # tokens the last rewind had to evaluate again (see rewind)
+
+    @property
+    def precision(self) -> str:
+        """"fast" or "exact" (Model.precision); the model's unless given to this session."""
+        return self._precision or self.model.precision
 
     def reset(self) -> None:
         self.n_past = 0
@@ -562,6 +618,8 @@ class Session:
                 raise ValueError("capture array must be float32 [len(layers), n_heads, n, n]")
             cap_index[list(cap_layers)] = np.arange(len(cap_layers))
         step = n if capture else N_BATCH
+        # None: the hot path (integer activations); True: inspection; False: precision "exact".
+        exact = True if capture else (False if self.precision == "exact" else None)
         ring = self.kv.k_swa.shape[1]
         if capture and 0 < ring < self.n_past + n and ring < n + a.n_swa - 1:
             raise ValueError(f"capturing {n} tokens in one batch needs a full sliding-window cache "
@@ -570,12 +628,12 @@ class Session:
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
             forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index,
-                           True if capture else None)
+                           exact)
             self.n_past += x.shape[0]
             self._written = max(self._written, self.n_past)
             self._last_h = x[-1:].copy()
             if all_logits:
-                outs.append(m.project_out(x))
+                outs.append(m.project_out(x, exact is not None))
         self._tokens.extend(int(i) for i in ids)
         return np.concatenate(outs) if all_logits else None
 
@@ -587,7 +645,7 @@ class Session:
             last = self._tokens[-1]
             self.rewind(1)
             self.eval([last])
-        return self.model.project_out(self._last_h)[0]
+        return self.model.project_out(self._last_h, self.precision == "exact")[0]
 
 
 class SessionPool:
@@ -601,7 +659,7 @@ class SessionPool:
     rounded, attended and projected exactly as that session's own one-token eval
     would, so a row's logits do not depend on which rows share the step."""
 
-    def __init__(self, model: Model, n_slots: int, n_ctx: int):
+    def __init__(self, model: Model, n_slots: int, n_ctx: int, precision: str | None = None):
         n_slots, n_ctx = int(n_slots), int(n_ctx)
         if n_slots < 1 or n_ctx < 1:
             raise ValueError(f"a session pool needs n_slots >= 1 and n_ctx >= 1 (got {n_slots}, {n_ctx})")
@@ -610,10 +668,17 @@ class SessionPool:
         self.model = model
         self.n_ctx = n_ctx
         self.kv = _kv_alloc(model, (n_slots,), n_ctx)
+        self._precision = None if precision is None else _check_precision(precision)
         self.sessions = [Session(model, n_ctx, KVCache(k=self.kv.k[i], v=self.kv.v[i],
-                                                       k_swa=self.kv.k_swa[i], v_swa=self.kv.v_swa[i]))
+                                                       k_swa=self.kv.k_swa[i], v_swa=self.kv.v_swa[i]),
+                                 precision=precision)
                          for i in range(n_slots)]
         self._slot = {id(s): i for i, s in enumerate(self.sessions)}
+
+    @property
+    def precision(self) -> str:
+        """"fast" or "exact" (Model.precision); the model's unless given to the pool."""
+        return self._precision or self.model.precision
 
     def decode(self, sessions, tokens) -> np.ndarray:
         """Append tokens[i] to sessions[i] (distinct sessions of this pool), all in
@@ -634,6 +699,15 @@ class SessionPool:
         if len(set(slots)) != len(slots):
             raise ValueError("a session appears twice in one decode step")
         out = np.empty((len(sessions), m.n_vocab), np.float32)
+        if self.precision == "exact":
+            # No batched exact step: quant.matmul's multi-row kernel sums in another
+            # order than its one-row kernel, so rows batched together would not get
+            # their own one-token step's logits (batch invariance).  Each row is its
+            # own one-token eval instead (every weight block decoded once per row).
+            for j, s in enumerate(sessions):
+                s.eval([int(ids[j])])
+                out[j] = s.logits()
+            return out
         step = quant.Q8_MAX_ROWS  # rows per call that keep matmul_q8 on its per-row path
         for a in range(0, len(sessions), step):
             b = min(a + step, len(sessions))

@@ -176,12 +176,27 @@ def _half_as_f32(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _scale_f16(typingctx, src, o):
+    """The float16 at src[o:o+2] (a uint8 array) as float32, by _ir_f16: one block
+    scale in a loop with a scalar accumulator, where a plain ``fpext half`` would
+    chain each block to the last (see _ir_f16); exact for every half but a
+    signalling NaN (quieted)."""
+    sig = types.float32(src, o)
+
+    def codegen(context, builder, signature, args):
+        ptr = _ir_data(context, builder, signature.args[0], args[0], llir.IntType(8))
+        return _ir_f16(builder, ptr, builder.sext(args[1], _I64) if args[1].type.width < 64 else args[1])
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def _f16(src, o):
     """float16 at src[o:o+2] as float32 via the hardware conversion: exact for every
     half but a signalling NaN (quieted; numpy keeps its bits), so the decoders use it
     for scales, whose products are NaN either way, and _dec_f16 patches NaNs."""
-    return _half_as_f32(_U32(src[o]) | (_U32(src[o + 1]) << _U32(8)))
+    return _scale_f16(src, o)
 
 
 # ---------------------------------------------------------------------------
@@ -220,10 +235,28 @@ def _ir_lanes(builder, v, idx):
     return builder.shuffle_vector(v, v, llir.Constant(llir.VectorType(llir.IntType(32), len(idx)), idx))
 
 
+def _vector_reg_constraint():
+    import llvmlite.binding as llvm
+    return "=w,0" if llvm.get_default_triple().startswith(("aarch64", "arm64")) else "=x,0"
+
+
+_VREG = _vector_reg_constraint()
+
+
 def _ir_f16(builder, ptr, off):
-    """The float16 at byte ptr + off as float."""
+    """The float16 at byte ptr + off as float.  The half is moved into a zeroed
+    vector register (a zero-extending 32-bit move) and converted there, behind an
+    empty inline-asm barrier: LLVM otherwise folds it back to a scalar ``fpext
+    half``, which x86 lowers to vpinsrw into whatever register it picks, and where
+    that was a loop's accumulator the insert made every block wait for the
+    previous block's sum (the Q5_0 decode dot ran at half speed inside matmul)."""
     h = builder.load(builder.bitcast(builder.gep(ptr, [off]), llir.IntType(16).as_pointer()), align=1)
-    return builder.fpext(builder.bitcast(h, llir.HalfType()), llir.FloatType())
+    v4 = llir.VectorType(_I32, 4)
+    v = builder.insert_element(llir.Constant(v4, [0] * 4), builder.zext(h, _I32), _c64(0))
+    v = builder.asm(llir.FunctionType(v4, [v4]), "", _VREG, [v], False)
+    vh = builder.bitcast(v, llir.VectorType(llir.HalfType(), 8))
+    f4 = builder.fpext(builder.shuffle_vector(vh, vh, _vc(_I32, 4, [0, 1, 2, 3])), llir.VectorType(_F32, 4))
+    return builder.extract_element(f4, _c64(0))
 
 
 # ---------------------------------------------------------------------------
@@ -1194,18 +1227,21 @@ _VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw") and _target_has
 _MADDUBS = _target_has("avx2")
 
 
-def _ir_dot4(builder, acc, u8, s8):
+def _ir_dot4(builder, acc, u8, s8, scale=None):
     """acc (<n/4 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<n x i8>
-    each, n = 32 or 64; u8 <= 128): vpdpbusd where the CPU has it, vpmaddubsw +
-    vpmaddwd on AVX2, else the same sums in plain IR."""
+    each, n = 32 or 64; u8 <= 128), each sum times its lane of scale where given
+    (<n/4 x i32> within int16, or (<k x i16> source, n/4 source lanes): the form
+    AVX2 builds each multiplier from with one shuffle): vpdpbusd where the CPU has it, vpmaddubsw +
+    vpmaddwd on AVX2, else the same sums in plain IR.  On AVX2 the scale rides in
+    vpmaddwd's second operand (ggml's k-quant dots do the same), which saves the
+    vpmulld a separate multiply costs; the integers are the same either way."""
     n = u8.type.count
     i32 = llir.IntType(32)
     vq = llir.VectorType(i32, n // 4)
-    if _VNNI512:
-        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(vq, [vq, vq, vq]),
-                                            f"llvm.x86.avx512.vpdpbusd.{8 * n}")
-        return builder.call(fn, [acc, builder.bitcast(u8, vq), builder.bitcast(s8, vq)])
-    if _MADDUBS:
+    if isinstance(scale, tuple) and not (_MADDUBS and not _VNNI512):
+        src, idx = scale  # <k x i16> and the source lane of each int32 lane
+        scale = builder.sext(builder.shuffle_vector(src, src, _vc(_I32, n // 4, idx)), vq)
+    if _MADDUBS and not _VNNI512:
         v32 = llir.VectorType(llir.IntType(8), 32)
         v16s = llir.VectorType(llir.IntType(16), 16)
         v8 = llir.VectorType(i32, 8)
@@ -1213,20 +1249,35 @@ def _ir_dot4(builder, acc, u8, s8):
                                                  "llvm.x86.avx2.pmadd.ub.sw")
         maddwd = cgutils.get_or_insert_function(builder.module, llir.FunctionType(v8, [v16s, v16s]),
                                                 "llvm.x86.avx2.pmadd.wd")
-        ones = llir.Constant(v16s, [1] * 16)
+        if scale is None or isinstance(scale, tuple):
+            src, idx = scale if scale is not None else (None, None)
+        else:
+            src, idx = builder.trunc(scale, llir.VectorType(llir.IntType(16), n // 4)), list(range(n // 4))
         parts = []
         for h in range(n // 32):
             half = llir.Constant(llir.VectorType(i32, 32), list(range(32 * h, 32 * h + 32)))
             uh = u8 if n == 32 else builder.shuffle_vector(u8, u8, half)
             sh = s8 if n == 32 else builder.shuffle_vector(s8, s8, half)
-            parts.append(builder.call(maddwd, [builder.call(maddubs, [uh, sh]), ones]))
+            if src is None:
+                mult = llir.Constant(v16s, [1] * 16)
+            else:  # int16 lanes 2k and 2k + 1 make int32 lane k: both take its scale
+                mult = builder.shuffle_vector(src, src, _vc(_I32, 16, [idx[8 * h + k // 2] for k in range(16)]))
+            parts.append(builder.call(maddwd, [builder.call(maddubs, [uh, sh]), mult]))
         out = parts[0] if n == 32 else builder.shuffle_vector(parts[0], parts[1],
                                                               llir.Constant(llir.VectorType(i32, 16), list(range(16))))
         return builder.add(acc, out)
+    if _VNNI512:
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(vq, [vq, vq, vq]),
+                                            f"llvm.x86.avx512.vpdpbusd.{8 * n}")
+        if scale is not None:
+            zero = llir.Constant(vq, [0] * (n // 4))
+            return builder.add(acc, builder.mul(builder.call(fn, [zero, builder.bitcast(u8, vq), builder.bitcast(s8, vq)]), scale))
+        return builder.call(fn, [acc, builder.bitcast(u8, vq), builder.bitcast(s8, vq)])
     vn = llir.VectorType(i32, n)
     prod = builder.mul(builder.zext(u8, vn), builder.sext(s8, vn))
     parts = [builder.shuffle_vector(prod, prod, llir.Constant(vq, list(range(j, n, 4)))) for j in range(4)]
-    return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+    sums = builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    return builder.add(acc, sums if scale is None else builder.mul(sums, scale))
 
 
 # Every int8 dot is written as two halves per block: `unpack` turns a block's bytes
@@ -1332,10 +1383,30 @@ def _rows_dot_intrinsic(unpack, dot, accs, finish):
 _F32_ZERO = llir.Constant(llir.FloatType(), 0.0)
 
 
+_V8F = llir.VectorType(_F32, 8)
+
+
+def _ir_reduce_fadd8(builder, v, start=_F32_ZERO):
+    fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(_F32, [_F32, _V8F]),
+                                        "llvm.vector.reduce.fadd.v8f32")
+    return builder.call(fn, [start, v], fastmath=("reassoc",))
+
+
+def _ir_scaled8(builder, isum, scale):
+    """<8 x float>: the integer lanes (<8 or 16 x i32>, 16 folded to 8 by adding
+    halves, exact) converted and times the scalar scale.  k-quant dots keep one
+    vector accumulator per row and reduce it once at the row's end, as ggml's do:
+    a horizontal sum per 256-block cost two reductions' worth of shuffles."""
+    if isum.type.count == 16:
+        isum = builder.add(_ir_lanes(builder, isum, list(range(8))), _ir_lanes(builder, isum, list(range(8, 16))))
+    return builder.fmul(builder.sitofp(isum, _V8F), _ir_splat(builder, scale, 8))
+
+
 def _kdot_intrinsic(unpack, dot):
-    """k-quants: one float32 accumulator per row, one block contribution per step."""
-    return _rows_dot_intrinsic(unpack, lambda *a: [dot(*a)], [(llir.FloatType(), _F32_ZERO)],
-                               lambda builder, vals: vals[0])
+    """k-quants (and IQ4_XS): one <8 x float> accumulator per row; dot returns the
+    block's contribution as one such vector (see _ir_scaled8)."""
+    return _rows_dot_intrinsic(unpack, lambda *a: [dot(*a)], [(_V8F, llir.Constant(_V8F, [0.0] * 8))],
+                               lambda builder, vals: _ir_reduce_fadd8(builder, vals[0]))
 
 
 def _k4_unpack(five):
@@ -1355,7 +1426,7 @@ def _k4_unpack(five):
         d = _ir_f16(builder, wp, o)
         dmin = _ir_f16(builder, wp, builder.add(o, _c64(2)))
         sc, mi = _ir_k_scale_bytes(builder, wp, o)
-        sc8 = builder.zext(sc, llir.VectorType(i32, 8))
+        sc16 = builder.zext(sc, llir.VectorType(_I16, 8))
         mi8 = builder.zext(mi, llir.VectorType(i32, 8))
         fifteen = llir.Constant(v64, [15] * 64)
         four = llir.Constant(v64, [4] * 64)
@@ -1371,7 +1442,7 @@ def _k4_unpack(five):
                     on = builder.icmp_unsigned("!=", builder.and_(qh64, bit), _vc(_I8, 64, 0))
                     nib = builder.or_(nib, builder.select(on, _vc(_I8, 64, 16), _vc(_I8, 64, 0)))
                 j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
-                nibs.append((h, s, nib, _ir_lanes(builder, sc8, [j0] * 8 + [j0 + 2] * 8)))
+                nibs.append((h, s, nib, (sc16, [j0] * 8 + [j0 + 2] * 8)))
         return d, dmin, mi8, nibs
 
     return unpack
@@ -1406,9 +1477,9 @@ def _iq4_xs_dot(builder, st, i, xp, xdp, xsp):
     tot = zero
     for j, (u, q, ls) in enumerate(subs):
         x = _ir_sign_i8(builder, _ir_vload(builder, xp, builder.add(xo, _c64(32 * j)), v32, 1), q)
-        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u, x), ls))
+        tot = _ir_dot4(builder, tot, u, x, ls)
     xd = builder.load(builder.gep(xdp, [i]))
-    return builder.fmul(builder.fmul(d, xd), builder.sitofp(_ir_reduce_add(builder, tot), _F32))
+    return _ir_scaled8(builder, tot, builder.fmul(d, xd))
 
 
 _Q4K_X_IDX = (list(range(32)) + list(range(64, 96)), list(range(32, 64)) + list(range(96, 128)))
@@ -1416,24 +1487,21 @@ _Q4K_X_IDX = (list(range(32)) + list(range(64, 96)), list(range(32, 64)) + list(
 
 def _q4_k_dot(builder, st, i, xp, xdp, xsp):
     d, dmin, mi8, nibs = st
-    i32, f32 = llir.IntType(32), llir.FloatType()
+    i32 = llir.IntType(32)
     v64 = llir.VectorType(llir.IntType(8), 64)
     v16 = llir.VectorType(i32, 16)
     xo = builder.mul(i, _c64(256))
     x = [_ir_vload(builder, xp, builder.add(xo, _c64(64 * k)), v64, 1) for k in range(4)]
     tot = llir.Constant(v16, [0] * 16)
-    zero = llir.Constant(v16, [0] * 16)
     for h, s, nib, scale in nibs:
         xa = builder.shuffle_vector(x[2 * h], x[2 * h + 1], llir.Constant(llir.VectorType(i32, 64), _Q4K_X_IDX[s]))
-        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, nib, xa), scale))
-    isum = _ir_reduce_add(builder, tot)
+        tot = _ir_dot4(builder, tot, nib, xa, scale)
     # minimums against the rounded activations' sums per 32 (as _qdot_q4_1)
     xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
     xs32 = builder.add(_ir_lanes(builder, xs, list(range(0, 16, 2))), _ir_lanes(builder, xs, list(range(1, 16, 2))))
-    msum = _ir_reduce_add(builder, builder.mul(mi8, xs32))
     xd = builder.load(builder.gep(xdp, [i]))
-    return builder.fmul(xd, builder.fsub(builder.fmul(d, builder.sitofp(isum, f32)),
-                                         builder.fmul(dmin, builder.sitofp(msum, f32))))
+    return builder.fsub(_ir_scaled8(builder, tot, builder.fmul(d, xd)),
+                        _ir_scaled8(builder, builder.mul(mi8, xs32), builder.fmul(dmin, xd)))
 
 
 def _q6_k_unpack(builder, i, wp):
@@ -1444,31 +1512,31 @@ def _q6_k_unpack(builder, i, wp):
     v16 = llir.VectorType(i32, 16)
     o = builder.mul(i, _c64(210))
     d = _ir_f16(builder, wp, builder.add(o, _c64(208)))
-    sc = builder.sext(_ir_vload(builder, wp, builder.add(o, _c64(192)), llir.VectorType(llir.IntType(8), 16), 1), v16)
+    sc8 = _ir_vload(builder, wp, builder.add(o, _c64(192)), llir.VectorType(llir.IntType(8), 16), 1)
+    sc = builder.sext(sc8, v16)
+    sc16 = builder.sext(sc8, llir.VectorType(_I16, 16))
     parts = []
     for h in range(2):
         for s, u6 in enumerate(_ir_q6_k_half(builder, wp, o, h)):
-            parts.append((h, s, u6, _ir_lanes(builder, sc, [8 * h + 4 * s + lane // 4 for lane in range(16)])))
+            parts.append((h, s, u6, (sc16, [8 * h + 4 * s + lane // 4 for lane in range(16)])))
     return d, sc, parts
 
 
 def _q6_k_dot(builder, st, i, xp, xdp, xsp):
     # sum(sc * (q - 32) * x) = sum(sc * q * x) - 32 * sum(sc * xsum16).
     d, sc, parts = st
-    i32, f32 = llir.IntType(32), llir.FloatType()
+    i32 = llir.IntType(32)
     v64 = llir.VectorType(llir.IntType(8), 64)
     v16 = llir.VectorType(i32, 16)
     xo = builder.mul(i, _c64(256))
     tot = llir.Constant(v16, [0] * 16)
-    zero = llir.Constant(v16, [0] * 16)
     for h, s, u6, scale in parts:
         xa = _ir_vload(builder, xp, builder.add(xo, _c64(128 * h + 64 * s)), v64, 1)
-        tot = builder.add(tot, builder.mul(_ir_dot4(builder, zero, u6, xa), scale))
+        tot = _ir_dot4(builder, tot, u6, xa, scale)
     xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
-    isum = builder.sub(_ir_reduce_add(builder, tot),
-                       builder.mul(llir.Constant(i32, 32), _ir_reduce_add(builder, builder.mul(sc, xs))))
+    isum = builder.sub(tot, builder.shl(builder.mul(sc, xs), _vc(_I32, 16, 5)))  # lane-wise; the total is what counts
     xd = builder.load(builder.gep(xdp, [i]))
-    return builder.fmul(builder.fmul(d, xd), builder.sitofp(isum, f32))
+    return _ir_scaled8(builder, isum, builder.fmul(d, xd))
 
 
 def _ir_abs_i8(builder, q):
@@ -1900,7 +1968,11 @@ _I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
 # n = 32 184 vs 224); whole prefills of the Q4_K_M bench model at 32 (pp24 float
 # 1099 vs int16 938 t/s, pp32 int16 1080 vs float 1022).
 I16_MIN_N = 32
-_I16_T = 8      # activation rows per tile (vector accumulators)
+# Activation rows per tile: each holds a 16-lane int32 accumulator, one register
+# with AVX-512; AVX2's sixteen 256-bit registers fit six such rows beside the
+# weight pair and the broadcast (eight spilled to the stack: 79 instructions per
+# column pair instead of 34).  The sums do not depend on it.
+_I16_T = 8 if _target_has("avx512f") else 6
 _X16_MAX = 16383.0  # |x| <= 2^14 - 1: 8 products of |w| <= 4096 per int32 lane stay < 2^31
 
 

@@ -33,7 +33,10 @@ logits are kept for that).  ``cache_reuse="prefix"`` is llama-server's
 ``cache_prompt``: the longest common prefix of whatever the slot holds (earlier
 replies included, so a follow-up in a conversation prefills only the new message),
 at the price of results that may differ in the last bits from a fresh run.  A
-request's ``cache_prompt=False`` disables reuse for it.
+request's ``cache_prompt=False`` disables reuse for it.  A sliding-window model's
+slot (Gemma 3) reuses a prefix only while its ring still holds every key that the
+prefix's end needs (``Session.can_resume_at``); otherwise the prompt is prefilled
+from the start, in chunks, and gives exactly a fresh slot's reply.
 """
 
 from __future__ import annotations
@@ -383,7 +386,21 @@ class Scheduler:
 
     def _reusable(self, slot: _Slot, prompt: list[int], cache_prompt: bool) -> int:
         """Prompt positions this slot's cache can give a new request (see the module
-        docstring); the last prompt position is only reused with its logits."""
+        docstring); the last prompt position is only reused with its logits.
+
+        A sliding-window cache (Gemma 3) may no longer hold what a shorter prefix
+        needs: its ring has overwritten keys that the window of the first new
+        position still sees (``Session.can_resume_at``).  Such a slot offers
+        nothing, and the request is prefilled from position 0 in the usual chunks
+        (between decode steps, so running streams keep flowing), as llama.cpp's
+        server re-processes the whole prompt when its SWA cache lacks the data;
+        ``Session.rewind`` would replay the prefix in one blocking call."""
+        n = self._prefix_offer(slot, prompt, cache_prompt)
+        if 0 < n < slot.session.n_past and not slot.session.can_resume_at(n):
+            return 0
+        return n
+
+    def _prefix_offer(self, slot: _Slot, prompt: list[int], cache_prompt: bool) -> int:
         if not cache_prompt or self.cache_reuse == "off" or not slot.cached:
             return 0
         if self.cache_reuse == "prefix":
@@ -414,7 +431,10 @@ class Scheduler:
                 self._send(h, Failed(f"cannot start the request: {type(e).__name__}: {e}"))
                 continue
             sess = best.session
-            sess.rewind(sess.n_past - n)
+            if n == 0:
+                sess.reset()    # a fresh sequence (and a fresh sliding-window ring)
+            else:
+                sess.rewind(sess.n_past - n)    # _reusable checked: nothing to replay
             del best.cached[n:]
             if n == len(req.prompt):        # the same prompt again: its logits are kept
                 job.logits = best.prompt_logits

@@ -11,7 +11,8 @@ scheduler feeds through ``loop.call_soon_threadsafe``.  A client that goes away 
 stream cancelled by Starlette, or a non-streaming request found disconnected) cancels
 its request, which frees its slot at the next step.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
+Routes: ``GET /`` (the web chat page, ``webchat.html``), ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``GET /v1/models``
 (and ``/v1/models/{id}``), llama-server's ``GET /health``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /props`` and ``GET /metrics`` (Prometheus text).  The
 ``/v1`` routes are also served without the prefix, as llama-server does.
@@ -30,23 +31,27 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .reasoning import ReasoningSplitter, starts_thinking
 from .sampling import SamplerParams
 from .scheduler import (Delta, Failed, Finished, GenerationRequest, PromptTooLongError,
                         QueueFullError, Scheduler, SchedulerStopped)
 
-__all__ = ["ServerSettings", "create_app", "cli_serve", "APIError"]
+__all__ = ["ServerSettings", "create_app", "cli_serve", "APIError", "ReasoningSplitter"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024   # larger bodies get 413 before any parsing
-PUBLIC_PATHS = {"/health", "/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+# the web chat page holds no data (its requests carry the key the user types)
+PUBLIC_PATHS = {"/", "/health", "/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+WEBCHAT_PAGE = Path(__file__).with_name("webchat.html")
 
 
 # ---------------------------------------------------------------- settings
@@ -221,81 +226,6 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-# ---------------------------------------------------------------- reasoning
-
-class ReasoningSplitter:
-    """Splits a reasoning model's ``<think> ... </think>`` out of the streamed reply
-    (llama-server's ``--reasoning-format deepseek``): ``feed(text)`` returns
-    ``(reasoning, content)`` pieces.  A tag split across deltas is held back until it
-    is complete.  ``<think>`` opens a block only at the start of the reply (after
-    whitespace); ``thinking=True`` starts inside one, for templates whose generation
-    prompt already opened it (the DeepSeek-R1 distills)."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self, thinking: bool = False):
-        self.thinking = thinking
-        self.at_start = True        # nothing but whitespace in the content so far
-        self.after_close = False    # strip the whitespace that follows </think>
-        self.buf = ""
-
-    @staticmethod
-    def _partial(text: str, tag: str) -> int:
-        for k in range(min(len(tag) - 1, len(text)), 0, -1):
-            if text.endswith(tag[:k]):
-                return k
-        return 0
-
-    def _content(self, text: str, out: list) -> None:
-        if self.after_close:
-            text = text.lstrip()
-            if not text:
-                return
-            self.after_close = False
-        if text.strip():
-            self.at_start = False
-        out.append(text)
-
-    def feed(self, text: str) -> tuple[str, str]:
-        self.buf += text
-        reasoning: list[str] = []
-        content: list[str] = []
-        while self.buf:
-            if self.thinking:
-                i = self.buf.find(self.CLOSE)
-                if i >= 0:
-                    reasoning.append(self.buf[:i])
-                    self.buf = self.buf[i + len(self.CLOSE):]
-                    self.thinking, self.after_close, self.at_start = False, True, False
-                    continue
-                k = self._partial(self.buf, self.CLOSE)
-                reasoning.append(self.buf[:len(self.buf) - k])
-                self.buf = self.buf[len(self.buf) - k:]
-                break
-            if not self.at_start:
-                self._content(self.buf, content)
-                self.buf = ""
-                break
-            stripped = self.buf.lstrip()
-            if stripped.startswith(self.OPEN):
-                self.buf = stripped[len(self.OPEN):]
-                self.thinking = True
-                continue
-            if stripped and self.OPEN.startswith(stripped):
-                break                   # maybe the start of <think>: wait for more
-            self._content(self.buf, content)
-            self.buf = ""
-        return "".join(reasoning), "".join(content)
-
-    def flush(self) -> tuple[str, str]:
-        text, self.buf = self.buf, ""
-        if self.thinking:
-            return text, ""
-        out: list[str] = []
-        self._content(text, out)
-        return "", "".join(out)
-
-
 # ---------------------------------------------------------------- the app
 
 def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
@@ -304,8 +234,6 @@ def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI
 
     tok = model.tokenizer
     template = model.gguf.get("tokenizer.chat_template")
-    bos_text = tok.token_to_piece(tok.bos_id, True).decode("utf-8", "replace") if tok.bos_id is not None else ""
-    eos_text = tok.token_to_piece(tok.eos_id, True).decode("utf-8", "replace") if tok.eos_id is not None else ""
     max_prompt_chars = MAX_CHARS_PER_TOKEN * settings.n_ctx_slot
     started = time.time()
     counters = {"http_requests": 0, "http_errors": 0}
@@ -369,11 +297,15 @@ def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI
         return out
 
     def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], str]:
+        from .chat import render_prompt
         from .chat_template import PromptTooLongError as TemplateTooLong
-        from .chat_template import render_chat
 
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+        msgs = []
+        for m in body.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.reasoning_content is not None:
+                msg["reasoning_content"] = m.reasoning_content  # Qwen3's template reads it
+            msgs.append(msg)
         if settings.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": settings.system})
         extra = dict(body.chat_template_kwargs or {})
@@ -381,16 +313,12 @@ def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI
             if reserved in extra:
                 raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs")
         try:
-            text = render_chat(template, msgs, add_generation_prompt=True, bos_token=bos_text,
-                               eos_token=eos_text, max_chars=max_prompt_chars, **extra)
+            return render_prompt(tok, template, msgs, max_chars=max_prompt_chars, **extra)
         except TemplateTooLong as e:
             raise APIError(400, f"{e}: a slot's context holds {settings.n_ctx_slot} tokens",
                            param="messages", code="context_length_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        # a template that writes BOS itself must not get a second one
-        add_special = not (tok.add_bos and bos_text and text.startswith(bos_text))
-        return tok.tokenize(text, add_special=add_special, parse_special=True), text
 
     def completion_prompt(body: CompletionRequest) -> tuple[list[int], str]:
         p = body.prompt
@@ -567,7 +495,7 @@ def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI
         ids, prompt_text = await run_in_threadpool(chat_prompt, body)
         split = (body.reasoning_format or settings.reasoning_format) != "none"
         # a template whose generation prompt opens <think> leaves the model inside it
-        reasoning = ReasoningSplitter(prompt_text.rstrip().endswith(ReasoningSplitter.OPEN)) if split else None
+        reasoning = ReasoningSplitter(starts_thinking(prompt_text)) if split else None
         gen = GenerationRequest(
             prompt=ids, params=params, max_tokens=body.max_completion_tokens or body.max_tokens,
             stop=body.stop, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -701,6 +629,12 @@ def create_app(model, scheduler: Scheduler, settings: ServerSettings) -> FastAPI
                 "owned_by": "gguf-runtime",
                 "meta": {"n_vocab": model.n_vocab, "n_ctx_train": a.n_ctx_train, "n_ctx_slot": settings.n_ctx_slot,
                          "n_slots": settings.n_slots, "n_params": None, "path": str(model.gguf.path)}}
+
+    webchat = WEBCHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", summary="The web chat page", response_class=HTMLResponse)
+    async def web_chat():
+        return HTMLResponse(webchat, headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/models", summary="The served model (OpenAI)")
     async def models():
@@ -908,7 +842,7 @@ def cli_serve(args) -> int:
     name = args.model or DEFAULT_MODEL
     defaults = SamplerParams.from_args(args)
     prestart_worker()
-    model = load_model(name, n_ctx=args.ctx_size)
+    model = load_model(name, n_ctx=args.ctx_size, precision=getattr(args, "precision", "fast"))
     n_total = model.n_ctx
     n_slot = n_total // args.parallel
     if n_slot < 2:

@@ -15,6 +15,8 @@ scores scaled by 1/sqrt(head dim) (1/sqrt(d / heads) for the 62-layer 27B).
 
     reference_logits(path, ids) -> float64 [len(ids), n_vocab]
     reference_attention(path, ids) -> float64 [layers, heads, q, k] softmax weights
+    reference_trace(path, ids, patch=None) -> float64 residual stream, block outputs, logits
+    reference_matmul_inputs(path, ids) -> float64 rows entering each weight matrix
 """
 
 from __future__ import annotations
@@ -100,7 +102,15 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _forward(path, ids):
+def _forward(path, ids, patch=None, inputs=None):
+    """(logits, attention maps, {resid, attn_out, mlp_out}) of one causal sequence.
+
+    inputs: a dict that receives, per weight matrix name, the rows entering it
+    (float64 [n, cols]; reference_matmul_inputs).
+
+    resid[0] is the embedding, resid[l + 1] the stream after block l.  patch =
+    (r, positions, values): after residual point r the rows at positions are
+    replaced by values (activation patching), the stored resid[r] is the patched one."""
     hp, W = load_weights(str(path))
     ids = np.asarray(ids, dtype=np.int64)
     n, H, KV, hd, eps = len(ids), hp["H"], hp["KV"], hp["hd"], hp["eps"]
@@ -112,6 +122,16 @@ def _forward(path, ids):
     if gemma:
         x = x * np.sqrt(hp["d"])
     attn_all = []
+    resid, attn_out, mlp_out = [], [], []
+
+    def point(r, x):
+        if patch is not None and patch[0] == r:
+            x = x.copy()
+            x[list(patch[1])] = patch[2]
+        resid.append(x)
+        return x
+
+    x = point(0, x)
     for i in range(hp["n_layers"]):
         p = f"blk.{i}."
         window = hp["window"][i]
@@ -119,6 +139,9 @@ def _forward(path, ids):
         if window:  # gemma3's local layers: their own RoPE base, no scaling
             base, freq_scale = GEMMA3_LOCAL_BASE, 1.0
         h = _rms_norm(x, W[p + "attn_norm.weight"], eps)
+        if inputs is not None:
+            for m in ("attn_q", "attn_k", "attn_v"):
+                inputs[p + m + ".weight"] = h
         q = h @ W[p + "attn_q.weight"].T
         k = h @ W[p + "attn_k.weight"].T
         v = h @ W[p + "attn_v.weight"].T
@@ -142,20 +165,31 @@ def _forward(path, ids):
         probs = np.exp(scores)
         probs /= probs.sum(-1, keepdims=True)
         attn_all.append(probs)
-        o = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1) @ W[p + "attn_output.weight"].T
+        o = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
+        if inputs is not None:
+            inputs[p + "attn_output.weight"] = o
+        o = o @ W[p + "attn_output.weight"].T
         if gemma:
             o = _rms_norm(o, W[p + "post_attention_norm.weight"], eps)
+        attn_out.append(o)
         x = x + o
         h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
         gate, up = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
         act = _gelu_tanh(gate) if gemma else gate / (1.0 + np.exp(-gate))
+        if inputs is not None:
+            inputs[p + "ffn_gate.weight"] = inputs[p + "ffn_up.weight"] = h
+            inputs[p + "ffn_down.weight"] = act * up
         f = (act * up) @ W[p + "ffn_down.weight"].T
         if gemma:
             f = _rms_norm(f, W[p + "post_ffw_norm.weight"], eps)
-        x = x + f
+        mlp_out.append(f)
+        x = point(i + 1, x + f)
     x = _rms_norm(x, W["output_norm.weight"], eps)
+    if inputs is not None:
+        inputs["output.weight"] = x
     out = W.get("output.weight", W["token_embd.weight"])  # absent: tied to the embeddings
-    return x @ out.T, np.stack(attn_all)
+    return x @ out.T, np.stack(attn_all), dict(resid=np.stack(resid), attn_out=np.stack(attn_out),
+                                               mlp_out=np.stack(mlp_out))
 
 
 def reference_logits(path, ids) -> np.ndarray:
@@ -166,3 +200,22 @@ def reference_logits(path, ids) -> np.ndarray:
 def reference_attention(path, ids) -> np.ndarray:
     """float64 [layers, heads, q, k] causal softmax attention weights."""
     return _forward(path, ids)[1]
+
+
+def reference_matmul_inputs(path, ids) -> dict:
+    """{weight name: float64 [len(ids), cols]}: the rows entering every matrix of a
+    fresh causal sequence (attn_q/k/v, attn_output, ffn_gate/up/down of each block,
+    and "output.weight", the final normed stream, whichever matrix the file uses)."""
+    inputs = {}
+    _forward(path, ids, inputs=inputs)
+    return inputs
+
+
+def reference_trace(path, ids, patch=None) -> dict:
+    """float64 activations: resid [layers + 1, n, d] (0: embeddings, l + 1: after block l),
+    attn_out / mlp_out [layers, n, d] (each block's two residual updates, after Gemma's
+    post-norms), logits [n, n_vocab].  patch = (r, positions, values [len(positions), d])
+    overwrites the stream at residual point r before the blocks above it read it."""
+    logits, _, acts = _forward(path, ids, patch)
+    acts["logits"] = logits
+    return acts

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
 import struct
 import subprocess
 import sys
-import tempfile
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _browser import browser_fixture
 from runtime.attention import (colormap, head_entropy_bits, heatmap_rgb, most_attended,
                                render_entropy_table, render_html, render_terminal,
                                row_entropy_bits, write_png)
 
-CHROMIUM = Path("/usr/bin/chromium")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -175,127 +171,15 @@ def test_html_is_self_contained():
     page = render_html(maps, LABELS[:8] + ["</script><b>x"], [3, 5], title="t", prompt="p")
     assert page.startswith("<!DOCTYPE html>")
     low = page.lower()
-    assert "http://" not in low and "https://" not in low and "@import" not in low
+    # the SVG namespace name (createElementNS) is an identifier, not a fetch
+    low_urls = low.replace("http://www.w3.org/2000/svg", "")
+    assert "http://" not in low_urls and "https://" not in low and "@import" not in low
     assert not re.search(r"<script[^>]*\bsrc=", low) and "<link rel=\"stylesheet\"" not in low
     # A token cannot close the data element.
     assert low.count("</script>") == 2
 
 
-def _onto_3_and_4(r, w):
-    # Copies first: r or w may already be fd 3 or 4 (and close-on-exec).
-    r2, w2 = os.dup(r), os.dup(w)
-    os.dup2(r2, 3)
-    os.dup2(w2, 4)
-
-
-class DevTools:
-    """The Chrome DevTools protocol over --remote-debugging-pipe (fd 3 in, fd 4 out)."""
-
-    def __init__(self, exe=CHROMIUM, timeout=30.0):
-        self.timeout = timeout
-        cmd_r, self._cmd_w = os.pipe()
-        self._res_r, res_w = os.pipe()
-        self._profile = tempfile.TemporaryDirectory()
-        self.proc = subprocess.Popen(
-            [str(exe), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--remote-debugging-pipe",
-             f"--user-data-dir={self._profile.name}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=False, preexec_fn=lambda: _onto_3_and_4(cmd_r, res_w))
-        os.close(cmd_r)
-        os.close(res_w)
-        self._buf, self._id, self.events = b"", 0, []
-
-    def _next(self, deadline):
-        while b"\0" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("chromium did not answer")
-            if select.select([self._res_r], [], [], left)[0]:
-                data = os.read(self._res_r, 1 << 20)
-                if not data:
-                    raise EOFError("chromium closed the pipe")
-                self._buf += data
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method, params=None, session=None):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + self.timeout
-        while True:
-            m = self._next(deadline)
-            if m.get("id") == self._id:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m.get("result", {})
-            self.events.append(m)
-
-    def wait_for(self, method):
-        for i, e in enumerate(self.events):
-            if e.get("method") == method:
-                return self.events.pop(i)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            m = self._next(deadline)
-            if m.get("method") == method:
-                return m
-            self.events.append(m)
-
-    def open(self, url):
-        """A new page at url, loaded; returns its session id."""
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        s = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for m in ("Runtime.enable", "Log.enable", "Page.enable"):
-            self.send(m, session=s)
-        self.send("Page.navigate", {"url": url}, session=s)
-        self.wait_for("Page.loadEventFired")
-        return s
-
-    def eval(self, session, expr):
-        r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session)
-        if "exceptionDetails" in r:
-            raise RuntimeError(r["exceptionDetails"])
-        return r["result"].get("value")
-
-    def errors(self):
-        out = []
-        for e in self.events:
-            m, p = e.get("method"), e.get("params", {})
-            if m == "Runtime.exceptionThrown":
-                out.append(p["exceptionDetails"].get("text", "exception"))
-            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append(str(p.get("args")))
-            elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
-                out.append(p["entry"].get("text"))
-        return out
-
-    def close(self):
-        try:
-            self.send("Browser.close")
-        except Exception:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._cmd_w)
-        os.close(self._res_r)
-        self._profile.cleanup()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("headless test needs Debian's chromium at /usr/bin/chromium "
-                    "(apt-get install chromium)")
-    b = DevTools()
-    yield b
-    b.close()
+browser = pytest.fixture(scope="module")(browser_fixture)
 
 
 def test_browser_harness_sees_errors(browser, tmp_path):
@@ -416,15 +300,50 @@ def test_cli_terminal_png_html(smol, smollm2_path, tmp_path):
     assert "entropy per head" in p.stdout and f"{head_entropy_bits(maps)[0, 3]:.2f}*" in p.stdout
 
     png = tmp_path / "m.png"
-    p = _attention_cli(smollm2_path, "-p", PROMPT, "--layer", "5", "--out", png)
+    p = _attention_cli(smollm2_path, "-p", PROMPT, "--layer", "5", "--head", "3", "--out", png)
     assert p.returncode == 0, p.stderr
-    img = _decode_png(png.read_bytes())
-    np.testing.assert_array_equal(img, heatmap_rgb(maps))
+    _check_plot(png, maps[0, 3])
 
     page = tmp_path / "p.html"
     p = _attention_cli(smollm2_path, "-p", PROMPT, "--layer", "-1", "--out", page)
     assert p.returncode == 0, p.stderr
     assert "attentionPage" in page.read_text()
+
+
+def _check_plot(png, w):
+    """A matplotlib figure of one map: the tile's cells are the map's colours (sqrt scale)."""
+    Image = pytest.importorskip("PIL.Image", reason="matplotlib (the plots extra) brings Pillow")
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape[0] >= 250 and img.shape[1] >= 250
+    # the darkest cell of the map (viridis at sqrt(min weight)) and the brightest both appear
+    lo = colormap(np.sqrt([w[np.tril_indices(len(w))].min()]))[0]
+    hi = colormap(np.sqrt([w.max()]))[0]
+    for c in (lo, hi):
+        assert (np.abs(img - c).sum(-1) <= 12).sum() > 4, c
+
+
+def test_plot_png_tiles(tmp_path):
+    pytest.importorskip("matplotlib", reason="PNGs need the plots extra")
+    from PIL import Image
+
+    from runtime.attention import plot_png
+
+    maps = causal_maps(2, 3, 9, seed=9)
+    out = plot_png(tmp_path / "t.png", maps, LABELS, [4, 11], title="tiles")
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    with pytest.raises(ValueError, match="do not match"):
+        plot_png(tmp_path / "u.png", maps, LABELS[:3], [4, 11])
+
+
+def test_png_without_matplotlib_names_the_extra(smollm2_path, tmp_path):
+    """Where matplotlib is missing, a PNG request is one line naming the extra."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from runtime.cli import main; "
+            f"sys.exit(main(['attention', {str(smollm2_path)!r}, '-p', 'hi', '--out', {str(tmp_path / 'x.png')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "plots" in errors[0] and "matplotlib" in errors[0], p.stderr
 
 
 @pytest.mark.parametrize("argv, msg", [(["--layer", "99"], "out of range"),
@@ -434,3 +353,44 @@ def test_cli_bad_input(smollm2_path, argv, msg):
     _engine()
     p = _attention_cli(smollm2_path, "-p", "hi", *argv)
     assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_html_model_view_and_head_view(browser, tmp_path):
+    """Thumbnails of every layer x head (click: that map, enlarged above) and the
+    head view (hover a query token: its strongest keys and weights)."""
+    maps = causal_maps(2, 3, 9, seed=8)
+    page = tmp_path / "views.html"
+    page.write_text(render_html(maps, LABELS, [4, 11], title="views"), encoding="utf-8")
+    browser.events.clear()
+    s = browser.open(page.as_uri())
+    assert browser.errors() == []
+    assert browser.eval(s, "document.querySelectorAll('#mv canvas').length") == 6
+    # a thumbnail shows its own map: pixel (q, k) of layer 1 head 2
+    px = browser.eval(s, "Array.from(document.getElementById('th1_2').getContext('2d')"
+                         ".getImageData(3, 7, 1, 1).data.slice(0, 3))")
+    np.testing.assert_allclose(px, colormap(np.sqrt(maps[1, 2, 7, 3])), atol=1)
+    pt = browser.eval(s, "attentionPage.thumbCenter(1, 2)")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.send("Input.dispatchMouseEvent", {"type": kind, "x": pt["x"], "y": pt["y"], "button": "left",
+                                                  "clickCount": 1}, session=s)
+    assert browser.eval(s, "attentionPage.current()") == {"l": 1, "h": 2}
+    assert browser.eval(s, "[layer.value, head.value]") == ["1", "2"]
+    assert browser.eval(s, "document.getElementById('th1_2').classList.contains('cur')")
+    # the enlarged map is that one: hover a cell
+    pt = browser.eval(s, "attentionPage.cellCenter(6, 2)")
+    browser.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": pt["x"], "y": pt["y"]}, session=s)
+    assert float(browser.eval(s, "tip.dataset.weight")) == pytest.approx(float(maps[1, 2, 6, 2]), abs=1e-6)
+    # head view: hovering query 8 lists its strongest keys
+    pt = browser.eval(s, "attentionPage.headViewToken(8)")
+    browser.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": pt["x"], "y": pt["y"]}, session=s)
+    info = browser.eval(s, "document.getElementById('hvinfo').textContent")
+    m = re.search(r"key (\d+) .*  weight ([0-9.]+)", info)
+    assert m, info
+    assert int(m.group(1)) == int(np.argmax(maps[1, 2, 8]))
+    assert float(m.group(2)) == pytest.approx(float(maps[1, 2, 8].max()), abs=1e-6)
+    lines = browser.eval(s, "Array.from(document.querySelectorAll('#hv line')).map(l => [+l.dataset.q, +l.dataset.k, "
+                            "+l.getAttribute('stroke-opacity')])")
+    assert lines and all(q == 8 for q, _, _ in lines)
+    for q, k, w in lines:
+        assert w == pytest.approx(float(maps[1, 2, q, k]), abs=1e-4)
+    assert browser.errors() == []

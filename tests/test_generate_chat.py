@@ -190,7 +190,7 @@ def test_piped_loop_prints_only_replies(smol_vocab, monkeypatch, capsys):
     from runtime.cli import build_parser
 
     g, tok = smol_vocab
-    monkeypatch.setattr(chat_mod, "load_model", lambda name, n_ctx=None: _ScriptedModel(g, tok, n_ctx or 512))
+    monkeypatch.setattr(chat_mod, "load_model", lambda name, n_ctx=None, **kw: _ScriptedModel(g, tok, n_ctx or 512))
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\n/set temp 0\nHow are you?\n/exit\nnot read\n"))
     args = build_parser().parse_args(["chat", "--temp", "0"])
     assert chat_mod.cli_chat(args) == 0
@@ -299,3 +299,104 @@ def test_generate_prompt_longer_than_context(smollm2_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: the prompt has") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- reasoning models
+
+R1_TEMPLATE = (ROOT / "tests" / "data" / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text(encoding="utf-8")
+R1_SCRIPT = ["Okay,", " the user asks about France.", "</think>", "\n\n", "The capital", " is Paris."]
+R1_THINKING, R1_ANSWER = "Okay, the user asks about France.", "The capital is Paris."
+
+
+@pytest.fixture(scope="module")
+def r1_path(tmp_path_factory):
+    """A model written for the test (tests/_scripted_gguf.py) with llama.cpp's copy of
+    the DeepSeek-R1-Distill template: the generation prompt opens <think>, so the reply
+    starts inside it; </think> is one token here."""
+    from _scripted_gguf import write_scripted
+
+    return write_scripted(tmp_path_factory.mktemp("r1") / "r1-thinker.gguf", R1_SCRIPT,
+                          chat_template=R1_TEMPLATE, eos="<｜end▁of▁sentence｜>")
+
+
+@pytest.fixture(scope="module")
+def r1_model(r1_path):
+    from runtime.model import Model
+
+    return Model.load(r1_path, n_ctx=256)
+
+
+def test_chat_tells_thinking_from_the_answer_and_drops_it_from_history(r1_model):
+    from runtime.chat import _common_prefix
+
+    chat = ChatSession(r1_model, system=SYSTEM, params=SamplerParams(temp=0))
+    parts = list(chat.reply_parts("What is the capital of France?"))
+    assert chat.prompt_text.endswith("<｜Assistant｜><think>\n")
+    assert "".join(t for k, t in parts if k == "thinking") == R1_THINKING
+    assert "".join(t for k, t in parts if k == "answer") == R1_ANSWER
+    assert [k for k, _ in parts] == sorted((k for k, _ in parts), reverse=True)   # thinking, then answer
+    # the reply is kept whole; the template drops its thinking from the next prompt,
+    # and only what differs from the cache from there on is evaluated again
+    assert chat.messages[-1]["content"] == "".join(R1_SCRIPT)
+    ids1, cached = chat.render_ids(chat.messages[:1]), list(chat.cached)
+    assert cached[:len(ids1)] == ids1
+    chat.say("And of Spain?")
+    ids2, text2 = chat.render(chat.messages[:3])
+    assert "user asks" not in text2 and "<｜Assistant｜>\n\nThe capital is Paris.<｜end▁of▁sentence｜>" in text2
+    keep = _common_prefix(ids2, cached)
+    assert keep == len(ids1) - 2       # up to turn 1's <｜Assistant｜>, before its <think>\n
+    assert chat.last_prefill == len(ids2) - keep
+    assert chat.cached[:len(ids2)] == ids2
+
+
+def test_chat_display_dimmed_hidden_or_raw(r1_model):
+    import io
+
+    from runtime.chat import DIM, UNDIM, write_reply
+
+    def show(**kw):
+        fmt = kw.pop("reasoning_format", "deepseek")
+        chat = ChatSession(r1_model, params=SamplerParams(temp=0), reasoning_format=fmt)
+        out, err = io.StringIO(), io.StringIO()
+        write_reply(chat, "Hi", out, kw.pop("to", None) and err, **kw)
+        return out.getvalue(), err.getvalue()
+
+    assert show(dim=True) == (DIM + R1_THINKING + UNDIM + "\n" + R1_ANSWER, "")
+    assert show(hide_thinking=True) == (R1_ANSWER, "")
+    assert show(to=True) == (R1_ANSWER, R1_THINKING + "\n")          # piped: thinking on stderr
+    assert show(reasoning_format="none") == ("".join(R1_SCRIPT), "")
+
+
+def test_think_flags_reach_the_template(smol_vocab):
+    """--think / --no-think are Qwen3's enable_thinking; absent, the template's default."""
+    from runtime.cli import build_parser
+    from test_chat_template import QWEN3
+
+    p = build_parser()
+    assert p.parse_args(["chat"]).think is None
+    assert p.parse_args(["chat", "--think"]).think is True
+    assert p.parse_args(["chat", "--no-think"]).think is False
+    a = p.parse_args(["chat", "--hide-thinking", "--reasoning-format", "none"])
+    assert a.hide_thinking and a.reasoning_format == "none"
+    with pytest.raises(SystemExit):
+        p.parse_args(["chat", "--think", "--no-think"])
+    g, tok = smol_vocab
+
+    class Qwen3Like(_ScriptedModel):
+        def __init__(self):
+            super().__init__(g, tok, 512)
+            self.gguf = {"tokenizer.chat_template": QWEN3}
+
+    turn = [{"role": "user", "content": "Hi"}]
+    texts = {think: ChatSession(Qwen3Like(), think=think).render(turn)[1] for think in (None, True, False)}
+    assert texts[None] == texts[True] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert texts[False] == texts[True] + "<think>\n\n</think>\n\n"
+
+
+def test_chat_cli_piped_thinking_on_stderr(r1_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "chat", str(r1_path), "--temp", "0", "-c", "256"],
+                       input="What is the capital of France?\n", capture_output=True, text=True,
+                       cwd=str(ROOT), env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == R1_ANSWER + "\n"
+    assert R1_THINKING in r.stderr and "\x1b[" not in r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -23,16 +24,20 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from _browser import browser_fixture  # noqa: E402 - after the importorskips
+
 ROOT = Path(__file__).resolve().parents[1]
-N_PARALLEL = 4
-N_CTX_TOTAL = 1024          # 256 tokens per slot
+N_PARALLEL = 8
+N_CTX_TOTAL = 2048          # 256 tokens per slot
 N_CTX_SLOT = N_CTX_TOTAL // N_PARALLEL
 SYSTEM = "You are a helpful assistant."
 STARTUP_S = 900             # a fresh numba cache (any runtime/*.py edit) compiles for minutes on 2 cores
 
 
 class Server:
-    """A ``serve`` subprocess; ``url`` once it listens."""
+    """A ``serve`` subprocess.  Construction only starts it; ``ready()`` waits until it
+    listens, is healthy and has run one tiny request (``url`` is set then), so that
+    several servers can boot at once (see the ``servers`` fixture)."""
 
     def __init__(self, model_path, *flags):
         self.key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
@@ -40,21 +45,34 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.stderr: list[str] = []
+        self.url = None
+        self._error: str | None = None
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-        line = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(STARTUP_S)
-        if not line or not line[0].startswith("listening on "):
+        self._boot = threading.Thread(target=self._start, daemon=True)
+        self._boot.start()
+
+    def _start(self):
+        try:
+            line = self.proc.stdout.readline()
+            if not line.startswith("listening on "):
+                raise RuntimeError(f"server did not start: {line!r}")
+            self.url = line.split()[-1]
+            self._wait_ready()
+            # one tiny request compiles (or loads) the prefill and decode kernels, so that
+            # the tests' own timeouts measure serving, not numba
+            r = httpx.post(self.url + "/v1/completions", timeout=STARTUP_S, headers=self.auth(),
+                           json={"prompt": "Hello there", "max_tokens": 2, "ignore_eos": True})
+            if r.status_code != 200:
+                raise RuntimeError(f"the first request failed: {r.status_code} {r.text}")
+        except Exception as e:  # noqa: BLE001 - reported by ready()
+            self._error = f"{e} {''.join(self.stderr)[-2000:]}"
+
+    def ready(self) -> "Server":
+        self._boot.join(STARTUP_S)
+        if self._boot.is_alive() or self._error:
             self.stop()
-            raise RuntimeError(f"server did not start: {line} {''.join(self.stderr)[-2000:]}")
-        self.url = line[0].split()[-1]
-        self._wait_ready()
-        # one tiny request compiles (or loads) the prefill and decode kernels, so that
-        # the tests' own timeouts measure serving, not numba
-        r = httpx.post(self.url + "/v1/completions", timeout=STARTUP_S, headers=self.auth(),
-                       json={"prompt": "Hello there", "max_tokens": 2, "ignore_eos": True})
-        assert r.status_code == 200, r.text
+            raise RuntimeError(self._error or f"server not ready after {STARTUP_S} s")
+        return self
 
     def _wait_ready(self):
         deadline = time.monotonic() + 60
@@ -66,7 +84,7 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("server never became healthy")
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def auth(self) -> dict:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -80,26 +98,66 @@ class Server:
             self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_path):
-    s = Server(smollm2_path, "-np", str(N_PARALLEL), "-c", str(N_CTX_TOTAL))
-    yield s
-    s.stop()
+QWEN3_SCRIPT = ["<think>", "\nThe user wants the capital.", "\n</", "think", ">", "\n\nParis", " is the capital."]
 
 
 @pytest.fixture(scope="module")
-def small_server(smollm2_path):
-    """One slot, a queue of one, an API key: for 401, 503 and the freed slot."""
-    s = Server(smollm2_path, "-np", "1", "-c", "256", "--max-queue", "1", "--api-key", "sesame")
-    yield s
-    s.stop()
+def servers(request, smollm2_path, tmp_path_factory):
+    """Every server that this module's selected tests use, started at once: booting
+    (imports, model load, kernels from numba's cache) is most of a server's cost and
+    mostly one core's work, so they overlap instead of queueing.
+
+    * server: SmolLM2 on 8 slots of 256 tokens;
+    * small_server: one slot, a queue of one, an API key (401, 503, the freed slot, SIGTERM);
+    * qwen3_thinker: a model written for the test (tests/_scripted_gguf.py) with the
+      official Qwen3 template, whose greedy reply thinks and then answers, with
+      </think> split over three tokens; one slot, llama-server's prefix cache reuse."""
+    used = {name for item in request.session.items if getattr(item, "module", None) is request.module
+            for name in item.fixturenames}
+    out: dict = {}
+    if "server" in used:
+        out["server"] = Server(smollm2_path, "-np", str(N_PARALLEL), "-c", str(N_CTX_TOTAL))
+    if "small_server" in used:
+        out["small_server"] = Server(smollm2_path, "-np", "1", "-c", "256", "--max-queue", "1",
+                                     "--api-key", "sesame")
+    if "qwen3_thinker" in used:
+        from _scripted_gguf import write_scripted
+        from test_chat_template import QWEN3
+
+        path = write_scripted(tmp_path_factory.mktemp("thinker") / "qwen3-thinker.gguf", QWEN3_SCRIPT,
+                              chat_template=QWEN3)
+        out["qwen3_thinker"] = Server(path, "-np", "1", "-c", "512", "--cache-reuse", "prefix")
+        out["qwen3_thinker_path"] = path
+    yield out
+    for s in out.values():
+        if isinstance(s, Server):
+            s.stop()
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
+def model(smollm2_path, servers):
+    """SmolLM2 in this process, loaded (and its kernels loaded from numba's cache) while
+    the servers boot."""
     from runtime.model import Model
 
-    return Model.load(smollm2_path, n_ctx=N_CTX_SLOT)
+    m = Model.load(smollm2_path, n_ctx=N_CTX_SLOT)
+    m.session(8).eval([1])
+    return m
+
+
+@pytest.fixture(scope="module")
+def server(servers, model):
+    return servers["server"].ready()
+
+
+@pytest.fixture(scope="module")
+def small_server(servers):
+    return servers["small_server"].ready()
+
+
+@pytest.fixture(scope="module")
+def qwen3_thinker(servers):
+    return servers["qwen3_thinker"].ready(), servers["qwen3_thinker_path"]
 
 
 def chat_ids(model, messages) -> list[int]:
@@ -222,11 +280,13 @@ def test_greedy_equals_generate_path(server, model):
 
 
 def test_concurrent_streams_equal_sequential(server, model):
-    """Batch invariance: four greedy streams at once give each one's solo text, and they
-    really shared decode steps (the metrics' rows per step)."""
+    """Batch invariance: eight greedy streams at once (one per slot) give each one's solo
+    text, and they really shared decode steps (the metrics' rows per step)."""
     prompts = ["Once upon a time", "The best way to learn Python is", "def fibonacci(n):",
-               "Water boils at a temperature of"]
-    n = 12
+               "Water boils at a temperature of", "My favourite fruit is", "import numpy as np",
+               "The sky is blue because", "Dear Sir or Madam,"]
+    assert len(prompts) == N_PARALLEL
+    n = 8
     c = server.client()
 
     def run(p, out, i):
@@ -356,6 +416,147 @@ def test_models_health_tokenize_metrics(server, model):
     assert after["requests_active"] == 0 and after["requests_waiting"] == 0
     raw = httpx.get(server.url + "/metrics", timeout=30).text
     assert "# TYPE gguf_runtime_generated_tokens_total counter" in raw
+
+
+# ---------------------------------------------------------------- the web chat page
+
+browser = pytest.fixture(scope="module")(browser_fixture)
+
+
+def _page_state(browser, s, until, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = browser.eval(s, "chatPage.state()")
+        if until(st):
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+
+
+def _type_and_send(browser, s, text):
+    browser.eval(s, f"document.getElementById('input').value = {json.dumps(text)}; "
+                    "document.getElementById('send').click(); true")
+
+
+def test_web_chat_page(server, model, browser):
+    """The page at / in headless Chromium: no console errors, a question gets a streamed
+    reply with Paris (SmolLM2 with a system prompt, greedy), the next turn carries the
+    conversation, and Stop ends a reply (the server frees the slot)."""
+    r = httpx.get(server.url + "/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", r.text), "the page must not load anything"
+    browser.events.clear()
+    s = browser.open(server.url + "/")
+    assert browser.errors() == []
+    assert _page_state(browser, s, lambda st: True)["bubbles"] == 0
+    browser.eval(s, f"document.getElementById('system').value = {json.dumps(SYSTEM)}; "
+                    "document.getElementById('temperature').value = '0'; "
+                    "document.getElementById('max_tokens').value = '24'; true")
+    question = capital_messages()[1]["content"]
+    _type_and_send(browser, s, question)
+    st = _page_state(browser, s, lambda st: not st["busy"] and len(st["messages"]) == 2)
+    reply = st["messages"][1]["content"]
+    assert "Paris" in reply and st["error"] == ""
+    assert st["chunks"] > 1, "the reply came in one piece, not streamed"
+    # what the page shows is what the API answers
+    api = server.client().chat.completions.create(model="m", messages=capital_messages(), temperature=0,
+                                                  max_tokens=24)
+    assert reply == api.choices[0].message.content
+    assert browser.eval(s, "document.querySelectorAll('.msg.assistant .content')[0].textContent") == reply
+
+    # turn two: the whole conversation goes with it (the server prefills all of it)
+    before = metrics(server)
+    _type_and_send(browser, s, "And of Germany?")
+    st = _page_state(browser, s, lambda st: not st["busy"] and len(st["messages"]) == 4)
+    assert st["messages"][3]["content"] and st["error"] == ""
+    sent = capital_messages() + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And of Germany?"}]
+    after = metrics(server)
+    n_prompt = len(chat_ids(model, sent))
+    assert (after["prompt_tokens_total"] + after["prompt_tokens_cached_total"]
+            - before["prompt_tokens_total"] - before["prompt_tokens_cached_total"]) == n_prompt
+
+    # Stop: a long reply, stopped after a few chunks, stays in the conversation
+    browser.eval(s, "document.getElementById('max_tokens').value = ''; true")
+    _type_and_send(browser, s, "Write a long story about a dragon.")
+    _page_state(browser, s, lambda st: st["busy"] and st["chunks"] >= 3)
+    browser.eval(s, "document.getElementById('stop').click(); true")
+    st = _page_state(browser, s, lambda st: not st["busy"], timeout=30)
+    assert st["status"] == "stopped" and len(st["messages"]) == 6 and st["messages"][5]["content"]
+    assert "[stopped]" in browser.eval(s, "document.querySelectorAll('.msg.assistant')[2].textContent")
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health", timeout=30).json()["slots_processing"]:
+        assert time.monotonic() < deadline, "the stopped reply still holds its slot"
+        time.sleep(0.1)
+    assert browser.errors() == []
+
+
+# ---------------------------------------------------------------- load
+
+def test_64_requests_from_16_threads(server):
+    """Nothing lost, every response well formed: chat and completions, streamed and not,
+    16 threads at once on 8 slots (so requests queue)."""
+    before = metrics(server)
+    prompts = ["Hi", "Tell me a joke", "Name a color", "Count to three"]
+    system = {"role": "system", "content": "Be brief."}   # SmolLM2's default one is 30 tokens
+    results, errors = [], []
+
+    def chat(i, stream):
+        body = {"messages": [system, {"role": "user", "content": prompts[i % 4]}], "max_tokens": 3,
+                "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": stream}
+        if not stream:
+            r = post(server, "/v1/chat/completions", body, timeout=600)
+            assert r.status_code == 200, r.text
+            j = r.json()
+            assert j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
+            ch = j["choices"][0]
+            assert ch["finish_reason"] == "length" and isinstance(ch["message"]["content"], str)
+            assert j["usage"]["completion_tokens"] == 3
+            return
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream_options": {
+                "include_usage": True}}, timeout=600) as resp:
+            assert resp.status_code == 200
+            ev = sse_events(resp)
+        assert ev[-1] == "[DONE]" and len({e["id"] for e in ev[:-1]}) == 1
+        assert [e["choices"][0]["finish_reason"] for e in ev[:-2]].count("length") == 1
+        assert ev[-2]["choices"] == [] and ev[-2]["usage"]["completion_tokens"] == 3
+
+    def completion(i, stream):
+        body = {"prompt": prompts[i % 4], "max_tokens": 3, "temperature": 0.7, "seed": i, "ignore_eos": True,
+                "stream": stream}
+        if not stream:
+            r = post(server, "/v1/completions", body, timeout=600)
+            assert r.status_code == 200, r.text
+            j = r.json()
+            assert j["object"] == "text_completion" and j["choices"][0]["finish_reason"] == "length"
+            assert j["usage"]["completion_tokens"] == 3
+            return
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=600) as resp:
+            assert resp.status_code == 200
+            ev = sse_events(resp)
+        assert ev[-1] == "[DONE]" and ev[-2]["choices"][0]["finish_reason"] == "length"
+        assert all(e["object"] == "text_completion" for e in ev[:-1])
+
+    def worker(t):
+        for k in range(4):
+            i = 4 * t + k
+            try:
+                (chat if i % 2 else completion)(i, stream=bool(i // 2 % 2))
+                results.append(i)
+            except Exception as e:  # noqa: BLE001 - reported below with its request
+                errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    assert errors == []
+    assert sorted(results) == list(range(64))
+    after = metrics(server)
+    assert after["requests_total"] - before["requests_total"] == 64
+    assert after["requests_finished_total"] - before["requests_finished_total"] == 64
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] == 64 * 3
+    assert after["requests_active"] == 0 and after["requests_waiting"] == 0
 
 
 # ---------------------------------------------------------------- bad input
@@ -493,20 +694,28 @@ def test_queue_full_503_and_disconnect_frees_slot(small_server):
 
 def test_sigterm_ends_streams_and_exits_0(small_server):
     """SIGTERM: the open stream gets its final chunk and [DONE] at the next step (not
-    after running to its 256-token context), every slot is freed, exit status 0.
-    The design bound is one decode step plus uvicorn's 5 s grace; the slack below is
-    for a CI machine shared by several jobs."""
+    after running to its 2000 tokens or its 256-token context), every slot is freed
+    (a slot still running would hold the process in uvicorn's wait for connections),
+    and the process exits with status 0 within 5 s of the signal (issue #18)."""
     client, resp, it = _open_stream(small_server, "sesame", max_tokens=2000)
     t0 = time.monotonic()
     small_server.proc.send_signal(signal.SIGTERM)
     rest = [l for l in it if l.startswith("data: ")]
+    t_final = time.monotonic() - t0
     assert rest[-1] == "data: [DONE]"
     final = json.loads(rest[-2][len("data: "):])
     assert final["choices"][0]["finish_reason"] == "length"
     n_text = sum('"text"' in l for l in rest)
     assert n_text < 200, f"{n_text} more tokens after SIGTERM: the stream ran to its context"
     assert small_server.proc.wait(30) == 0
-    assert time.monotonic() - t0 < 30
+    t_exit = time.monotonic() - t0
+    # the streams' end is the scheduler's next step: within the issue's 5 s even on a
+    # loaded machine.  The exit after it (uvicorn's shutdown, the engine thread's join,
+    # interpreter teardown) is well under a second of CPU but measured 7 s of wall time
+    # at load average 9 on 2 cores, so its bound here leaves room for that.
+    assert t_final < 5, t_final
+    assert t_exit < 15, t_exit
+    assert "Traceback" not in "".join(small_server.stderr)
     client.close()
 
 
@@ -539,6 +748,60 @@ def test_reasoning_split_edge_cases():
     assert _split(["Answer: <think>x</think>"]) == ("", "Answer: <think>x</think>")
     # cut off while thinking: what there is, is reasoning
     assert _split(["<think>unfinished"]) == ("unfinished", "")
+
+
+# ---------------------------------------------------------------- a reasoning model, end to end
+
+def test_reasoning_model_through_the_server(qwen3_thinker):
+    from runtime.chat import render_prompt
+    from runtime.gguf import GGUFFile
+    from runtime.tokenizer import Tokenizer
+
+    server, path = qwen3_thinker
+    g = GGUFFile(path)
+    tok, template = Tokenizer.from_gguf(g), g.get("tokenizer.chat_template")
+    raw = "".join(QWEN3_SCRIPT)
+    q1 = [{"role": "user", "content": "What is the capital of France?"}]
+    c = server.client()
+    r = c.chat.completions.create(model="m", messages=q1, temperature=0)
+    msg = r.choices[0].message
+    assert msg.content == "Paris is the capital."
+    assert msg.model_extra["reasoning_content"].strip() == "The user wants the capital."
+    assert r.usage.completion_tokens == len(QWEN3_SCRIPT)
+    ids1, text1 = render_prompt(tok, template, q1)
+    assert r.usage.prompt_tokens == len(ids1) and text1.endswith("<|im_start|>assistant\n")
+
+    # streamed: no piece of a tag ever reaches the content, wherever the tokens cut it
+    chunks = list(c.chat.completions.create(model="m", messages=q1, temperature=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    content = [d.content for d in deltas if d.content]
+    thinking = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert "".join(content) == "Paris is the capital." and not any("<" in p or ">" in p for p in content)
+    assert thinking.strip() == "The user wants the capital."
+
+    # reasoning_format none: the reply as the model wrote it
+    r = post(server, "/v1/chat/completions", {"messages": q1, "temperature": 0, "reasoning_format": "none"})
+    m = r.json()["choices"][0]["message"]
+    assert m["content"] == raw and "reasoning_content" not in m
+
+    # chat_template_kwargs reach the template: Qwen3's enable_thinking=false prompt
+    r = c.chat.completions.create(model="m", messages=q1, temperature=0, max_tokens=2,
+                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    ids_off, text_off = render_prompt(tok, template, q1, enable_thinking=False)
+    assert text_off.endswith("<think>\n\n</think>\n\n") and r.usage.prompt_tokens == len(ids_off) > len(ids1)
+
+    # the follow-up turn: the client sends the answer back, the template renders the
+    # earlier turn without its thinking, so the slot's cache (prompt + whole reply)
+    # matches the new prompt up to the end of turn 1's prompt: that is reused
+    c.chat.completions.create(model="m", messages=q1, temperature=0)   # the slot holds turn 1 again
+    q2 = q1 + [{"role": "assistant", "content": "Paris is the capital."},
+               {"role": "user", "content": "And of Spain?"}]
+    ids2, text2 = render_prompt(tok, template, q2)
+    assert "The user wants" not in text2
+    r = c.chat.completions.create(model="m", messages=q2, temperature=0)
+    assert r.usage.prompt_tokens == len(ids2)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(ids1)
+    assert r.choices[0].message.content == "Paris is the capital."
 
 
 # ---------------------------------------------------------------- the prompt cache (in-process scheduler)
@@ -585,3 +848,44 @@ def test_prompt_cache_policies(model, policy):
         assert sched.stats()["requests_finished"] == 3
     finally:
         sched.shutdown()
+
+
+def test_sliding_window_slot_reprefills_past_the_ring(tmp_path):
+    """Gemma 3 (issue #15): a slot whose ring (window 4 + one 256-token batch = 260
+    cells) has wrapped cannot resume a follow-up whose common prefix ends before what
+    the ring kept; the scheduler prefills it from position 0 instead (nothing reported
+    as cached) and the reply equals a fresh slot's, bit for bit.  A prefix the ring
+    still covers is reused."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_synthetic import write_synthetic
+    from runtime.model import Model
+    from runtime.scheduler import Scheduler
+
+    path = write_synthetic(tmp_path / "g.gguf", arch="gemma3", n_layers=6, d_model=256, n_heads=4,
+                           head_dim=64, gqa=2, ffn=512, vocab=512, sliding_window=4, dtype=np.float16)
+    m = Model.load(path, n_ctx=400)
+    rng = np.random.default_rng(7)
+    a = [int(t) for t in rng.integers(0, 512, 290)]
+    b = a[:10] + [int(t) for t in rng.integers(0, 512, 30)]       # shares 10 tokens with a
+    sched = Scheduler(m, 1, 400, cache_reuse="prefix").start()
+    fresh = Scheduler(m, 1, 400, cache_reuse="off").start()
+    try:
+        slot = sched.slots[0].session
+        assert slot.kv.k_swa.shape[1] == 4 + 256 < 400
+        _run_scheduler(sched, a, n=10)
+        assert slot.n_past == 299                                   # the ring has wrapped
+        # within what the ring kept (positions 39..298): the prefix is reused
+        c = a[:200] + [int(t) for t in rng.integers(0, 512, 5)]
+        _, fc = _run_scheduler(sched, c, n=2)
+        assert fc.n_cached == 200
+        # before it: the window of position 10 needs keys 7.., overwritten long ago
+        assert not slot.can_resume_at(10)
+        text_b, fb = _run_scheduler(sched, b, n=8)
+        assert fb.n_cached == 0 and fb.n_prompt == len(b)
+        want_b, _ = _run_scheduler(fresh, b, n=8)
+        assert text_b == want_b
+    finally:
+        sched.shutdown()
+        fresh.shutdown()

@@ -1,6 +1,6 @@
 """Aggregate generation throughput of ``python -m runtime serve`` under concurrent streams.
 
-    python tools/bench_server.py models/SmolLM2-135M-Instruct.Q4_1.gguf -np 4 --streams 1,2,4 -n 64
+    python tools/bench_server.py models/SmolLM2-135M-Instruct.Q4_1.gguf --streams 1,2,4,8 -n 64
 
 Starts the server (a subprocess on a free loopback port; or ``--url`` for one already
 running), warms it up, then for each concurrency level k runs k streamed
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("-np", "--parallel", type=int, default=4)
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
     ap.add_argument("-t", "--threads", type=int, default=None)
-    ap.add_argument("--streams", default="1,2,4", help="concurrency levels (default 1,2,4)")
+    ap.add_argument("--streams", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
     ap.add_argument("-n", type=int, default=64, help="tokens per stream (default 64)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
