@@ -383,7 +383,9 @@ def render_html(maps: np.ndarray, labels: Sequence[str], layer_ids: Sequence[int
             .replace("@@DATA@@", blob))
 
 
-_PAGE = r"""<!DOCTYPE html>
+# The opening every self-contained page shares (the lens and surprise pages of
+# inspection_views.py too): charset, no favicon request, the title slot, base styles.
+PAGE_HEAD = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <link rel="icon" href="data:,">
 <title>@@TITLE@@</title>
@@ -391,7 +393,9 @@ _PAGE = r"""<!DOCTYPE html>
 body { font: 13px/1.4 system-ui, sans-serif; margin: 16px; color: #222; background: #fafafa; }
 h1 { font-size: 17px; margin: 0 0 4px; }
 .sub { color: #666; margin-bottom: 10px; }
-.prompt { font-family: monospace; }
+"""
+
+_PAGE = PAGE_HEAD + r""".prompt { font-family: monospace; }
 .controls { margin: 8px 0; }
 .controls label { margin-right: 14px; }
 #wrap { position: relative; display: inline-block; }

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .attention import PAGE_HEAD
+
 __all__ = ["lens_html", "surprise_html", "lens_png", "surprise_png", "require_matplotlib",
            "PlotsMissing"]
 
@@ -60,15 +62,7 @@ def lens_html(lens: dict, n_layers: int, *, title: str = "logit lens", prompt: s
             .replace("@@LAST@@", str(int(n_layers))).replace("@@DATA@@", _blob(data)))
 
 
-_LENS_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<link rel="icon" href="data:,">
-<title>@@TITLE@@</title>
-<style>
-body { font: 13px/1.4 system-ui, sans-serif; margin: 16px; color: #222; background: #fafafa; }
-h1 { font-size: 17px; margin: 0 0 4px; }
-.sub { color: #666; margin-bottom: 10px; }
-.prompt { font-family: monospace; }
+_LENS_PAGE = PAGE_HEAD + r""".prompt { font-family: monospace; }
 .wrap { display: flex; gap: 18px; align-items: flex-start; }
 .scroll { overflow: auto; max-width: 75vw; max-height: 80vh; border: 1px solid #ddd; background: #fff; }
 table.lens { border-collapse: collapse; font: 11px monospace; }
@@ -170,15 +164,7 @@ def surprise_html(js: dict, *, title: str = "surprise") -> str:
             .replace("@@DATA@@", _blob(js)))
 
 
-_SURPRISE_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<link rel="icon" href="data:,">
-<title>@@TITLE@@</title>
-<style>
-body { font: 13px/1.4 system-ui, sans-serif; margin: 16px; color: #222; background: #fafafa; }
-h1 { font-size: 17px; margin: 0 0 4px; }
-.sub { color: #666; margin-bottom: 10px; }
-#text { font: 14px/1.9 monospace; background: #fff; border: 1px solid #ddd; padding: 10px; white-space: pre-wrap;
+_SURPRISE_PAGE = PAGE_HEAD + r"""#text { font: 14px/1.9 monospace; background: #fff; border: 1px solid #ddd; padding: 10px; white-space: pre-wrap;
         max-width: 980px; }
 #text span { border-radius: 2px; cursor: default; }
 #tip { position: fixed; pointer-events: none; display: none; background: rgba(20,20,20,.92); color: #fff;
