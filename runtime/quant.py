@@ -1614,9 +1614,7 @@ def _legacy_dot_intrinsic(kind):
     accs = [(v8f, llir.Constant(v8f, [0.0] * 8))] + ([(f32, _F32_ZERO)] if has_min else [])
 
     def finish(builder, vals):
-        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(f32, [f32, v8f]),
-                                            "llvm.vector.reduce.fadd.v8f32")
-        return builder.call(fn, [vals[1] if has_min else _F32_ZERO, vals[0]], fastmath=("reassoc",))
+        return _ir_reduce_fadd8(builder, vals[0], vals[1] if has_min else _F32_ZERO)
 
     return _rows_dot_intrinsic(unpack, dot, accs, finish)
 
