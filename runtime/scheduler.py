@@ -252,7 +252,9 @@ class Scheduler:
     ``Session.eval`` of the whole prompt would use."""
 
     def __init__(self, model, n_slots: int, n_ctx: int, *, max_queue: int = 64,
-                 cache_reuse: str = "exact"):
+                 cache_reuse: str = "exact", n_threads: int | None = None):
+        import numba
+
         from .model import N_BATCH
 
         if cache_reuse not in ("exact", "prefix", "off"):
@@ -266,6 +268,9 @@ class Scheduler:
         self.max_queue = int(max_queue)
         self.cache_reuse = cache_reuse
         self.chunk = N_BATCH
+        # numba's thread count is per Python thread (a new thread starts with all
+        # NUMBA_NUM_THREADS): the engine thread takes the creator's (the -t flag)
+        self.n_threads = int(n_threads) if n_threads else numba.get_num_threads()
         self.pool = model.session_pool(self.n_slots, self.n_ctx)
         self.slots = [_Slot(i, s) for i, s in enumerate(self.pool.sessions)]
         self._eog = set(self.tokenizer.eog_ids)
@@ -357,6 +362,9 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            import numba
+
+            numba.set_num_threads(self.n_threads)
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._busy():

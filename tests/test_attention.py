@@ -278,7 +278,7 @@ def test_smollm2_maps_match_reference(smol_f32kv, smollm2_path):
 
 def _attention_cli(*argv):
     return subprocess.run([sys.executable, "-m", "runtime", "attention", *map(str, argv)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_default_kv_maps_are_causal_softmax(smol):
@@ -340,7 +340,7 @@ def test_png_without_matplotlib_names_the_extra(smollm2_path, tmp_path):
     """Where matplotlib is missing, a PNG request is one line naming the extra."""
     code = ("import sys; sys.modules['matplotlib'] = None; from runtime.cli import main; "
             f"sys.exit(main(['attention', {str(smollm2_path)!r}, '-p', 'hi', '--out', {str(tmp_path / 'x.png')!r}]))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "plots" in errors[0] and "matplotlib" in errors[0], p.stderr

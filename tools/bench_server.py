@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from _http_util import serve_url, spawn_serve  # noqa: E402 - the test suite's server start-up
 PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Empire begins",
            "Here is a recipe for a simple tomato soup:", "def quicksort(xs):",
            "The three laws of thermodynamics are", "Dear diary, today I",
@@ -38,16 +40,14 @@ PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Em
 
 
 def start_server(model: str, n_parallel: int, ctx: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "runtime", "serve", model, "--port", "0", "-np", str(n_parallel),
-           "-c", str(ctx)]
-    if threads:
-        cmd += ["-t", str(threads)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
+    """``serve`` on a free port, healthy (tests/_http_util.py, as the server tests)."""
+    flags = ["-np", n_parallel, "-c", ctx] + (["-t", threads] if threads else [])
+    proc = spawn_serve(model, *flags)
+    try:
+        return proc, serve_url(proc, health_timeout=900)
+    except RuntimeError as e:
         proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return proc, line.split()[-1]
+        raise SystemExit(str(e)) from None
 
 
 def metrics(url: str) -> dict:
@@ -113,19 +113,9 @@ def main(argv=None) -> int:
     proc = None
     url = args.url
     if url is None:
+        # -np must cover the largest level, else streams queue instead of batching
         proc, url = start_server(args.model, max(args.parallel, max(levels)), args.ctx_size, args.threads)
     try:
-        # -np must cover the largest level, else streams queue instead of batching
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server never became healthy")
-            time.sleep(0.5)
         level(url, max(levels), 8)  # warm-up: compiles every decode width used below
         for k in levels:
             level(url, k, 4)
