@@ -188,7 +188,11 @@ def _add_surprise(sub) -> None:
     p.add_argument("--worst", type=int, default=10, help="rows in the list of the most surprising tokens (default 10)")
     p.add_argument("--out", default=None, help="write page.html or picture.png")
     p.add_argument("--json", action="store_true", help="print one JSON object, a row per token")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: model's, capped at 4096)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size (default: model's, capped at 4096); a longer text is scored in windows "
+                        "of this many tokens every ctx/2 tokens (HF's strided perplexity), so each token "
+                        "after the first window is predicted from at least ctx/2 tokens; --kl-base uses the "
+                        "same windows")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.set_defaults(func=_handler("runtime.inspection:cli_surprise"))
 

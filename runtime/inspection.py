@@ -53,11 +53,11 @@ def unembed(model, h: np.ndarray) -> np.ndarray:
 # Python entry points
 # --------------------------------------------------------------------------
 
-def _ids(model, ids, what="ids") -> np.ndarray:
+def _ids(model, ids, what="ids", fit=True) -> np.ndarray:
     ids = np.asarray(list(ids), dtype=np.int64).reshape(-1)
     if ids.shape[0] == 0:
         raise InspectionError(f"{what}: no tokens")
-    if ids.shape[0] > model.n_ctx:
+    if fit and ids.shape[0] > model.n_ctx:
         raise InspectionError(f"{what}: {ids.shape[0]} tokens do not fit in the context of {model.n_ctx} tokens")
     return ids
 
@@ -292,60 +292,124 @@ def render_lens_terminal(lens: dict, n_layers: int, *, columns: int = 100, color
 SURPRISE_BATCH = 256
 
 
-def _logit_blocks(model, ids: np.ndarray):
-    """The engine's own logits (as generation and perplexity compute them), a
-    block of positions at a time: yields (first position, float32 [rows, n_vocab])."""
-    s = model.session(n_ctx=len(ids))
+def surprise_windows(n_tokens: int, n_ctx: int) -> list[tuple[int, int, int]]:
+    """The windows a text of n_tokens is scored in with a context of n_ctx:
+    (start, end, first), each run from an empty cache over tokens start .. end - 1,
+    keeping the predictions of tokens first .. end - 1, so that every token from 1
+    on is scored exactly once, in order.
+
+    A text that fits is one window (0, n_tokens, 1).  A longer one is HF's strided
+    perplexity: windows of n_ctx tokens starting every stride = n_ctx // 2 tokens
+    (the last one ends at the text's end, so it may be shorter); the first scores
+    tokens 1 .. n_ctx - 1, each later one the tokens past the previous window's end,
+    so every one of those is predicted from at least n_ctx - stride >= n_ctx / 2
+    positions.  (perplexity's non-overlapping chunks score only their second half;
+    here every token needs a row, so the windows overlap by half instead.)"""
+    n_tokens, n_ctx = int(n_tokens), int(n_ctx)
+    if n_tokens < 2:
+        raise InspectionError("surprise needs at least two tokens (the first one is not predicted)")
+    if n_tokens <= n_ctx:
+        return [(0, n_tokens, 1)]
+    if n_ctx < 4:
+        raise InspectionError(f"scoring {n_tokens} tokens in windows needs a context of at least 4 (got {n_ctx})")
+    stride = n_ctx // 2
+    out = [(0, n_ctx, 1)]
+    while out[-1][1] < n_tokens:
+        start = out[-1][0] + stride
+        out.append((start, min(start + n_ctx, n_tokens), out[-1][1]))
+    return out
+
+
+def _window_logits(session, ids: np.ndarray, skip: int):
+    """The engine's own logits (as generation and perplexity compute them) of one
+    window from an empty cache, a block at a time, from position ``skip`` on: yields
+    (window position, float32 [rows, n_vocab]).  The positions before skip (whose
+    predictions belong to the previous window) go through the same blocks rather
+    than a cache-filling call of their own: splitting the batches moves the engine's
+    logits by up to ~1e-2 in p (keys rounded into the f16 cache vs kept in the
+    batch), and a window's numbers should be exactly those of that window run alone."""
+    session.reset()
     for a in range(0, len(ids), SURPRISE_BATCH):
-        yield a, s.eval(ids[a:a + SURPRISE_BATCH], all_logits=True)
+        block = session.eval(ids[a:a + SURPRISE_BATCH], all_logits=True)
+        if a + block.shape[0] > skip:
+            lo = max(0, skip - a)
+            yield a + lo, block[lo:]
 
 
-def token_surprise(model, ids, base=None) -> dict:
+def token_surprise(model, ids, base=None, *, n_ctx: int | None = None) -> dict:
     """Every token i >= 1 of ids under the model's prediction at position i - 1:
     p, rank (1 = the model's top choice), surprisal -log2 p and the entropy of the
     predicted distribution (bits); with a base model (the same vocabulary), each
     position's KL(base || model) in nats and whether the top choices agree, by
     perplexity's own kl_and_top1.  Arrays of length len(ids) - 1 (position i - 1
-    predicting token i), float64 / int64 / bool."""
+    predicting token i), float64 / int64 / bool.
+
+    A text longer than n_ctx (default the model's context) is scored in the
+    overlapping windows of ``surprise_windows``, the base in the same windows; a
+    window after the first starts with BOS in place of its first token when the
+    model adds BOS, as perplexity's chunks do (the models' attention expects it).
+    "n_ctx", "stride" and "windows" (int64 [k, 3]: start, end, first scored token)
+    say how."""
     from .perplexity import kl_and_top1, token_nll
 
-    ids = _ids(model, ids)
-    if ids.shape[0] < 2:
-        raise InspectionError("surprise needs at least two tokens (the first one is not predicted)")
+    ids = _ids(model, ids, fit=False)
     if base is not None and base.n_vocab != model.n_vocab:
         raise InspectionError(f"--kl-base has a different vocabulary ({base.n_vocab} vs {model.n_vocab} tokens)")
+    limit = model.n_ctx if base is None else min(model.n_ctx, base.n_ctx)
+    n_ctx = limit if n_ctx is None else int(n_ctx)
+    if not 2 <= n_ctx <= limit:
+        raise InspectionError(f"n_ctx {n_ctx} is out of range (2 .. {limit}, the models' context)")
+    windows = surprise_windows(ids.shape[0], n_ctx)
+    tok = model.tokenizer
+    bos = tok.bos_id if tok.add_bos and tok.bos_id is not None else None
     m = ids.shape[0] - 1
     res = {"p": np.empty(m), "rank": np.empty(m, np.int64), "surprisal": np.empty(m),
            "entropy": np.empty(m)}
     if base is not None:
         res.update(kl=np.empty(m), same_top=np.empty(m, bool), base_p=np.empty(m))
-        base_blocks = _logit_blocks(base, ids)
-    for a, block in _logit_blocks(model, ids):
-        block = block[:m - a]  # the last position predicts nothing in the text
-        if block.shape[0] == 0:
-            break
-        targets = ids[a + 1:a + 1 + block.shape[0]]
-        sl = slice(a, a + block.shape[0])
-        nll = token_nll(block, targets)
-        res["p"][sl] = np.exp(-nll)
-        res["surprisal"][sl] = nll / np.log(2.0)
-        picked = block[np.arange(len(block)), targets]
-        res["rank"][sl] = 1 + (block > picked[:, None]).sum(axis=1)
-        prob = _softmax64(block)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            res["entropy"][sl] = -(np.where(prob > 0, prob * np.log2(np.where(prob > 0, prob, 1.0)), 0.0)).sum(1)
-        if base is not None:
-            _, bblock = next(base_blocks)
-            bblock = bblock[:block.shape[0]]
-            kl, same = kl_and_top1(bblock, block)
-            res["kl"][sl], res["same_top"][sl] = kl, same
-            res["base_p"][sl] = np.exp(-token_nll(bblock, targets))
+    span = min(n_ctx, ids.shape[0])
+    sess = model.session(n_ctx=span)
+    bsess = base.session(n_ctx=span) if base is not None else None
+    for start, end, first in windows:
+        w = ids[start:end].copy()
+        if start > 0 and bos is not None:
+            w[0] = bos
+        # positions start .. end - 2 predict tokens start + 1 .. end - 1; the last token is
+        # only a target, but it is evaluated too (its row dropped) so that a window's
+        # batches are the ones a whole-text run of the same tokens uses
+        skip = first - 1 - start
+        n_rows = end - 1 - start
+        blocks = _window_logits(sess, w, skip)
+        bblocks = _window_logits(bsess, w, skip) if base is not None else None
+        for a, block in blocks:
+            block = block[:n_rows - a]
+            if block.shape[0] == 0:
+                break
+            targets = ids[start + a + 1:start + a + 1 + block.shape[0]]
+            sl = slice(start + a, start + a + block.shape[0])
+            nll = token_nll(block, targets)
+            res["p"][sl] = np.exp(-nll)
+            res["surprisal"][sl] = nll / np.log(2.0)
+            picked = block[np.arange(len(block)), targets]
+            res["rank"][sl] = 1 + (block > picked[:, None]).sum(axis=1)
+            prob = _softmax64(block)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res["entropy"][sl] = -(np.where(prob > 0, prob * np.log2(np.where(prob > 0, prob, 1.0)),
+                                                0.0)).sum(1)
+            if base is not None:
+                _, bblock = next(bblocks)
+                bblock = bblock[:block.shape[0]]
+                kl, same = kl_and_top1(bblock, block)
+                res["kl"][sl], res["same_top"][sl] = kl, same
+                res["base_p"][sl] = np.exp(-token_nll(bblock, targets))
+    res.update(n_ctx=n_ctx, stride=n_ctx // 2, windows=np.array(windows, np.int64).reshape(-1, 3))
     return res
 
 
 def surprise_json(model, ids, res: dict, extra: dict | None = None) -> dict:
     """{**extra, "tokens": [{"pos", "id", "token", "p", "rank", "surprisal", "entropy"[, "kl",
-    "same_top", "base_p"]}], "n_tokens", "ppl", "mean_surprisal"[, "kl_mean", "top1"]};
+    "same_top", "base_p"]}], "n_tokens", "ppl", "mean_surprisal"[, "kl_mean", "top1"],
+    "n_ctx", "stride", "windows": [[start, end, first scored token], ...]};
     the first token has no prediction (its numbers are null)."""
     tok = model.tokenizer
     keys = [k for k in ("p", "rank", "surprisal", "entropy", "kl", "same_top", "base_p") if k in res]
@@ -362,7 +426,16 @@ def surprise_json(model, ids, res: dict, extra: dict | None = None) -> dict:
     if "kl" in res:
         out["kl_mean"] = float(res["kl"].mean())
         out["top1"] = float(res["same_top"].mean())
+    if "windows" in res:
+        out.update(n_ctx=int(res["n_ctx"]), stride=int(res["stride"]),
+                   windows=[[int(v) for v in w] for w in res["windows"]])
     return out
+
+
+def _windows_note(js: dict) -> str:
+    """", scored in k windows of n_ctx tokens (stride s)" when the text did not fit."""
+    k = len(js.get("windows") or ())
+    return f", scored in {k} windows of {js['n_ctx']} tokens (stride {js['stride']})" if k > 1 else ""
 
 
 # surprisal (bits) at which the colour scale saturates; KL (nats) likewise
@@ -385,7 +458,8 @@ def render_surprise_terminal(js: dict, *, color: bool = False, columns: int = 10
     toks = js["tokens"]
     kl = "kl_mean" in js
     key, full = ("kl", KL_FULL) if kl else ("surprisal", SURPRISAL_FULL)
-    out = [f"{js['n_tokens']} tokens: perplexity {js['ppl']:.3f}, mean surprisal {js['mean_surprisal']:.2f} bits"
+    out = [f"{js['n_tokens']} tokens{_windows_note(js)}: perplexity {js['ppl']:.3f}, "
+           f"mean surprisal {js['mean_surprisal']:.2f} bits"
            + (f", mean KL(base || model) {js['kl_mean']:.5f}, same top token {100 * js['top1']:.1f}%" if kl else "")]
     head = f"{'pos':>5} {'token':<16} {'p':>8} {'rank':>6} {'bits':>6} {'H bits':>6}" + (
         f" {'KL':>8} {'base p':>8}" if kl else "")
@@ -472,13 +546,13 @@ def _out_path(args, kinds=(".html", ".htm", ".png")):
     return out
 
 
-def _prompt_ids(model, text: str, what: str) -> np.ndarray:
+def _prompt_ids(model, text: str, what: str, fit: bool = True) -> np.ndarray:
     from .cli import CLIError
 
     ids = list(model.tokenize(text))
     if not ids:
         raise CLIError(f"the {what} tokenizes to nothing")
-    if len(ids) > model.n_ctx:
+    if fit and len(ids) > model.n_ctx:
         raise CLIError(f"the {what} has {len(ids)} tokens, more than the context ({model.n_ctx}); "
                        f"raise it with -c or shorten the text")
     return np.array(ids, np.int64)
@@ -539,7 +613,8 @@ def cli_surprise(args) -> int:
     out = _out_path(args)
     model = Model.load(args.model, n_ctx=args.ctx_size)
     base = Model.load(args.kl_base, n_ctx=model.n_ctx) if args.kl_base else None
-    ids = _prompt_ids(model, text, "file" if args.file is not None else "prompt")
+    # a text longer than the context is scored in overlapping windows (surprise_windows)
+    ids = _prompt_ids(model, text, "file" if args.file is not None else "prompt", fit=False)
     if base is not None and list(base.tokenize(text)) != ids.tolist():
         raise CLIError("--kl-base tokenizes the text differently: the models must share a vocabulary")
     res = token_surprise(model, ids, base)
@@ -553,7 +628,7 @@ def cli_surprise(args) -> int:
             views.surprise_png(out, js, title=f"surprise: {name}")
         else:
             out.write_text(views.surprise_html(js, title=f"surprise: {name}"), encoding="utf-8")
-        print(f"wrote {out} ({len(ids)} tokens)")
+        print(f"wrote {out} ({len(ids)} tokens{_windows_note(js)})")
         return 0
     if args.json:
         print(json.dumps(js, ensure_ascii=False))

@@ -159,7 +159,9 @@ def surprise_html(js: dict, *, title: str = "surprise") -> str:
     head = (f"{js['n_tokens']} tokens &middot; perplexity {js['ppl']:.3f} &middot; mean surprisal "
             f"{js['mean_surprisal']:.2f} bits"
             + (f" &middot; base {html.escape(str(js.get('base', '')))}: mean KL {js['kl_mean']:.5f}, "
-               f"same top token {100 * js['top1']:.1f}%" if kl else ""))
+               f"same top token {100 * js['top1']:.1f}%" if kl else "")
+            + (f" &middot; scored in {len(js['windows'])} windows of {js['n_ctx']} tokens (stride {js['stride']})"
+               if len(js.get("windows") or ()) > 1 else ""))
     return (_SURPRISE_PAGE.replace("@@TITLE@@", html.escape(title)).replace("@@HEAD@@", head)
             .replace("@@DATA@@", _blob(js)))
 
@@ -296,37 +298,67 @@ def lens_png(path, lens: dict, n_layers: int, *, title: str = "logit lens", max_
     return Path(path)
 
 
-def surprise_png(path, js: dict, *, title: str = "surprise", max_tokens: int = 120) -> Path:
+# the surprise picture: tokens per strip, strips at most (longer texts: the first ones)
+SURPRISE_PNG_ROW = 100
+SURPRISE_PNG_ROWS = 10
+
+
+def surprise_png(path, js: dict, *, title: str = "surprise", per_row: int = SURPRISE_PNG_ROW,
+                 max_rows: int = SURPRISE_PNG_ROWS) -> Path:
     """Bars of every token's surprisal (bits), labelled with the tokens, coloured by
-    the entropy of the prediction; with a base model, a second panel of per-token KL."""
+    the entropy of the prediction; with a base model, under each strip a strip of
+    per-token KL.  The text wraps into strips of per_row tokens (one y scale for all
+    strips, so they compare), at most max_rows of them: a longer text shows its
+    first per_row x max_rows scored tokens and says so in the title."""
     plt = require_matplotlib()
-    toks = [t for t in js["tokens"] if t["p"] is not None][-max_tokens:]
+    scored = [t for t in js["tokens"] if t["p"] is not None]
+    toks = scored[:per_row * max_rows]
     kl = "kl_mean" in js
-    x = np.arange(len(toks))
-    w = min(40.0, max(8.0, 3.0 + 0.18 * len(toks)))  # at least the width of the titles
-    fig, axes = plt.subplots(2 if kl else 1, 1, figsize=(w, 6.5 if kl else 4.2), dpi=100, sharex=True,
-                             squeeze=False, layout="constrained")
-    ax = axes[0, 0]
+    rows = [toks[a:a + per_row] for a in range(0, len(toks), per_row)] or [[]]
+    widest = max(len(r) for r in rows)
+    w = min(40.0, max(8.0, 3.0 + 0.16 * widest))  # at least the width of the titles
+    strip = [2.4] + ([1.7] if kl else [])
+    fig, axes = plt.subplots(len(rows) * len(strip), 1, figsize=(w, min(40.0, 0.9 + sum(strip) * len(rows))),
+                             dpi=100, squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": strip * len(rows)})
     ent = np.array([t["entropy"] for t in toks])
     cmap = plt.get_cmap("viridis")
     vmax = max(1.0, float(ent.max()) if len(ent) else 1.0)
-    ax.bar(x, [t["surprisal"] for t in toks], color=cmap(ent / vmax), width=0.85)
-    ax.set_ylabel("surprisal, bits (-log2 p)")
-    ax.set_title(f"{title}: perplexity {js['ppl']:.2f}, mean surprisal {js['mean_surprisal']:.2f} bits",
-                 fontsize=10)
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
-    cb = fig.colorbar(sm, ax=list(axes[:, 0]), fraction=0.03, pad=0.01)
-    cb.set_label("entropy of the prediction (bar colour), bits")
-    last = ax
+    top = max([1.0] + [t["surprisal"] for t in toks]) * 1.05
+    top_kl = max([1e-6] + [t["kl"] for t in toks]) * 1.05 if kl else 1.0
+    shown = (f"; scored tokens {toks[0]['pos']}-{toks[-1]['pos']} of {js['n_tokens']} shown"
+             if len(toks) < len(scored) else "")
+    head = (f"{title}: {js['n_tokens']} tokens, perplexity {js['ppl']:.2f}, mean surprisal "
+            f"{js['mean_surprisal']:.2f} bits" + shown)
     if kl:
-        last = axes[1, 0]
-        last.bar(x, [t["kl"] for t in toks], color="#c8553b", width=0.85)
-        last.set_ylabel("KL(base || model), nats")
-        last.set_title(f"against {js.get('base', 'the base model')}: mean KL {js['kl_mean']:.5f}, "
-                       f"same top token {100 * js['top1']:.1f}%")
-    last.set_xticks(x)
-    last.set_xticklabels([_visible(t["token"], 12) for t in toks], rotation=70, ha="right", fontsize=7)
-    last.set_xlim(-0.6, len(toks) - 0.4)
+        head += (f"\nagainst {js.get('base', 'the base model')}: mean KL {js['kl_mean']:.5f} nats, "
+                 f"same top token {100 * js['top1']:.1f}%")
+    if len(js.get("windows") or ()) > 1:
+        head += f"\n(scored in {len(js['windows'])} windows of {js['n_ctx']} tokens, stride {js['stride']})"
+    fig.suptitle(head, fontsize=11)
+    for r, row in enumerate(rows):
+        x = np.arange(len(row))
+        ax = axes[r * len(strip), 0]
+        ax.bar(x, [t["surprisal"] for t in row], color=cmap(np.array([t["entropy"] for t in row]) / vmax),
+               width=0.85)
+        ax.set_ylim(0, top)
+        ax.set_ylabel("surprisal, bits", fontsize=8)
+        if row:
+            ax.set_title(f"tokens {row[0]['pos']}-{row[-1]['pos']}", fontsize=8, loc="left")
+        last = ax
+        if kl:
+            ax.set_xticks(x, [""] * len(x))
+            last = axes[r * len(strip) + 1, 0]
+            last.bar(x, [t["kl"] for t in row], color="#c8553b", width=0.85)
+            last.set_ylim(0, top_kl)
+            last.set_ylabel("KL, nats", fontsize=8)
+        last.set_xticks(x, [_visible(t["token"], 12) for t in row], rotation=70, ha="right", fontsize=7)
+        for a in (ax, last):
+            a.set_xlim(-0.6, per_row - 0.4 if len(rows) > 1 else len(row) - 0.4)
+            a.tick_params(axis="y", labelsize=7)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
+    cb = fig.colorbar(sm, ax=list(axes[:, 0]), fraction=0.03, pad=0.01, shrink=min(1.0, 6.0 / len(axes)))
+    cb.set_label("entropy of the prediction (bar colour), bits")
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

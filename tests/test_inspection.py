@@ -141,7 +141,8 @@ def test_patch_bad_arguments(args, msg):
 # the logit lens
 # --------------------------------------------------------------------------
 
-from runtime.inspection import logit_lens, render_lens_terminal, surprise_json, token_surprise  # noqa: E402
+from runtime.inspection import (logit_lens, render_lens_terminal, render_surprise_terminal,  # noqa: E402
+                                surprise_json, token_surprise)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LENS_IDS = IDS[:12]
@@ -226,6 +227,120 @@ def test_surprise_is_the_per_token_view_of_perplexity(llama):
     js = surprise_json(m, IDS, res2)
     assert js["tokens"][0]["p"] is None and js["tokens"][1]["p"] == pytest.approx(res["p"][0])
     assert js["kl_mean"] == pytest.approx(kl.mean()) and js["n_tokens"] == len(IDS)
+
+
+# a text of a few hundred tokens: longer than the 64-token context the windowed tests use
+LONG_TEXT = (
+    "The lighthouse at the end of the harbour was built in 1871 from granite quarried on the island. "
+    "For almost a century its keepers climbed one hundred and twelve steps every evening to light the lamp, "
+    "wind the clockwork that turned the lens, and write the weather into a leather-bound log. The log books "
+    "survive: they record storms that tore slates from the roof, a winter when the harbour froze solid, and "
+    "the night in 1923 when a fishing boat ran aground on the rocks below and the keeper rowed out alone "
+    "to bring its crew of four ashore. In 1958 the lamp was electrified and the last keeper left; since then "
+    "the light has been switched on by a timer and checked once a month by an engineer from the mainland. "
+    "Today the keeper's cottage is a small museum. Visitors can see the original lens, a brass telescope, "
+    "the keepers' uniforms and a model of the boat, and on a clear day the view from the gallery reaches "
+    "the mountains on the far side of the bay.")
+
+
+def test_surprise_windows_cover_every_token_once():
+    from runtime.inspection import surprise_windows
+
+    assert surprise_windows(10, 64) == [(0, 10, 1)] and surprise_windows(64, 64) == [(0, 64, 1)]
+    assert surprise_windows(200, 64) == [(0, 64, 1), (32, 96, 64), (64, 128, 96), (96, 160, 128),
+                                         (128, 192, 160), (160, 200, 192)]
+    for n, c in [(200, 64), (65, 64), (1000, 7), (129, 5), (300, 33)]:
+        w = surprise_windows(n, c)
+        assert [t for _, end, first in w for t in range(first, end)] == list(range(1, n))  # each token once, in order
+        assert all(0 <= start < first < end <= start + c for start, end, first in w)
+        # each later window's first scored token is predicted from >= c/2 positions (start .. first - 1)
+        assert all(first - start >= c / 2 for start, _, first in w[1:])
+    with pytest.raises(InspectionError, match="at least 4"):
+        surprise_windows(10, 3)
+    with pytest.raises(InspectionError, match="two tokens"):
+        surprise_windows(1, 64)
+
+
+def _scored_like(logits, targets):
+    """p, rank and entropy (bits) of targets under float32 logits, with NumPy."""
+    prob = _softmax(logits)
+    rows = np.arange(len(targets))
+    picked = prob[rows, targets]
+    ent = -np.where(prob > 0, prob * np.log2(np.where(prob > 0, prob, 1.0)), 0.0).sum(1)
+    return picked, 1 + (prob > picked[:, None]).sum(1), ent
+
+
+@pytest.fixture(scope="module")
+def smol_long(smollm2_path):
+    """SmolLM2 at a 64-token context and LONG_TEXT scored in windows."""
+    m = Model.load(smollm2_path, n_ctx=64)
+    ids = np.array(m.tokenize(LONG_TEXT))
+    return m, ids, token_surprise(m, ids)
+
+
+def test_surprise_scores_a_long_text_in_windows(smol_long):
+    from runtime.inspection import surprise_windows
+
+    m, ids, res = smol_long
+    n = len(ids)
+    assert 200 <= n <= 400 and not m.tokenizer.add_bos
+    for k in ("p", "rank", "surprisal", "entropy"):
+        assert res[k].shape == (n - 1,)
+    assert res["n_ctx"] == 64 and res["stride"] == 32
+    assert res["windows"].tolist() == [list(w) for w in surprise_windows(n, 64)] and len(res["windows"]) >= 6
+    js = surprise_json(m, ids, res)
+    assert [t["pos"] for t in js["tokens"]] == list(range(n)) and [t["id"] for t in js["tokens"]] == ids.tolist()
+    assert js["tokens"][0]["p"] is None and all(t["p"] is not None for t in js["tokens"][1:])
+    assert js["n_ctx"] == 64 and js["windows"] == res["windows"].tolist()
+    # the first window: exactly a short run of its own 64 tokens
+    short = token_surprise(m, ids[:64])
+    for k in ("p", "rank", "surprisal", "entropy"):
+        np.testing.assert_array_equal(res[k][:63], short[k])
+    # every later window: the model's logits over that window alone, from a fresh cache
+    # (the window's last token is only a target: its row is dropped), for the tokens past
+    # the previous window
+    for start, end, first in res["windows"][1:]:
+        p, rank, ent = _scored_like(m.logits(ids[start:end])[first - 1 - start:-1], ids[first:end])
+        sl = slice(first - 1, end - 1)
+        np.testing.assert_allclose(res["p"][sl], p, rtol=1e-6)
+        np.testing.assert_array_equal(res["rank"][sl], rank)
+        np.testing.assert_allclose(res["entropy"][sl], ent, rtol=1e-6)
+    assert "scored in" in render_surprise_terminal(js).splitlines()[0]
+
+
+def test_surprise_windows_start_with_bos_and_window_the_base_alike(llama, monkeypatch):
+    """A model that adds BOS gets BOS at the start of every later window (as perplexity's
+    chunks); the base model is scored in the very same windows, KL by perplexity's code."""
+    from runtime.perplexity import kl_and_top1
+
+    _, m = llama
+    base = Model.load(synthetic_model("llama", 3, False, "Q4_K_M"), n_ctx=64)
+    ids = np.random.default_rng(5).integers(0, 512, 100)
+    bos = m.tokenizer.bos_id
+    monkeypatch.setattr(m.tokenizer, "add_bos", True)
+    res = token_surprise(m, ids, base, n_ctx=32)
+    assert res["n_ctx"] == 32 and len(res["windows"]) == 6 and res["kl"].shape == (99,)
+    for start, end, first in res["windows"]:
+        w = ids[start:end].copy()
+        if start:
+            w[0] = bos
+        logits, base_logits = m.logits(w)[first - 1 - start:-1], base.logits(w)[first - 1 - start:-1]
+        sl = slice(first - 1, end - 1)
+        p, rank, _ = _scored_like(logits, ids[first:end])
+        np.testing.assert_allclose(res["p"][sl], p, rtol=1e-6)
+        np.testing.assert_array_equal(res["rank"][sl], rank)
+        kl, same = kl_and_top1(base_logits, logits)
+        np.testing.assert_allclose(res["kl"][sl], kl, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(res["same_top"][sl], same)
+    assert res["kl"].max() > 0
+    # the BOS is really there: the window's own first token gives other numbers
+    start, end, first = res["windows"][2]
+    p, _, _ = _scored_like(m.logits(ids[start:end])[first - 1 - start:-1], ids[first:end])
+    assert np.abs(res["p"][first - 1:end - 1] - p).max() > 1e-4
+    with pytest.raises(InspectionError, match="out of range"):
+        token_surprise(m, ids, n_ctx=65)
+    with pytest.raises(InspectionError, match="at least 4"):
+        token_surprise(m, ids, n_ctx=3)
 
 
 # --------------------------------------------------------------------------
