@@ -489,3 +489,36 @@ def test_surprise_page_in_chromium(browser, llama, tmp_path):
     worst = browser.eval(s, "Array.from(document.querySelectorAll('#worst tr')).slice(1).map(r => +r.cells[0].textContent)")
     assert worst == sorted(range(1, len(IDS)), key=lambda i: -js["tokens"][i]["kl"])[:10]
     assert browser.errors() == []
+
+
+def _png_size(path):
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_cli_lens_and_surprise_pictures_and_pages(smollm2_path, tmp_path):
+    """--out x.png / x.html through the commands themselves: real, non-blank pictures
+    whose size follows the text, and self-contained pages carrying the JSON's numbers."""
+    import matplotlib.image
+
+    short, long_ = "The capital of France is", "The capital of France is Paris. " * 12
+    for cmd, argv in (("lens", ["-p", short]), ("surprise", ["-p", short]), ("surprise", ["-p", long_])):
+        stem = f"{cmd}{len(argv[1])}"
+        for ext in ("png", "html"):
+            p = _cli(cmd, smollm2_path, *argv, "--out", tmp_path / f"{stem}.{ext}")
+            assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        w, h = _png_size(tmp_path / f"{stem}.png")
+        assert 400 <= w <= 4000 and 200 <= h <= 4000, (w, h)
+        img = matplotlib.image.imread(tmp_path / f"{stem}.png")
+        assert img.shape[:2] == (h, w) and img[..., :3].std() > 0.05  # not blank
+        page = (tmp_path / f"{stem}.html").read_text(encoding="utf-8")
+        assert page.lstrip().lower().startswith("<!doctype html>")
+        assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", page, re.I)  # no CDN, nothing fetched
+        assert "France" in page
+    # the surprise page carries the JSON's own numbers; a longer text draws a taller picture
+    js = json.loads(_cli("surprise", smollm2_path, "-p", short, "--json").stdout)
+    page = (tmp_path / f"surprise{len(short)}.html").read_text(encoding="utf-8")
+    assert f"{js['ppl']:.2f}" in page or f"{js['ppl']:.3f}" in page
+    assert _png_size(tmp_path / f"surprise{len(long_)}.png")[1] >= _png_size(tmp_path / f"surprise{len(short)}.png")[1]
