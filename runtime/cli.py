@@ -147,8 +147,17 @@ def _add_perplexity(sub) -> None:
     p.add_argument("--kl-divergence", action="store_true",
                    help="compare the model against the --kl-divergence-base file (its tokens, its chunks)")
     _add_precision_flag(p)
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads (with --ray: per worker, default 1 with a worker per CPU)")
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("on a Ray cluster (the 'distributed' extra)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="score the chunks on Ray workers, results identical to a local run. ADDRESS as "
+                        "ray.init takes it: auto, HOST:6379, ray://HOST:10001; none: auto when RAY_ADDRESS "
+                        "is set, else a local Ray started for this run. Every node must reach the model by "
+                        "this path (shared filesystem), or give a registry name: each node pulls it")
+    g.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray workers (default: as many as fit the cluster's CPUs at -t threads each)")
     p.set_defaults(func=_handler("runtime.perplexity:cli_perplexity"))
 
 
@@ -281,9 +290,30 @@ def _add_imatrix(sub) -> None:
     p.set_defaults(func=_handler("runtime.imatrix:cli_imatrix"))
 
 
+def _add_quant_report(sub) -> None:
+    p = sub.add_parser("quant-report", help="quantize a float model to several types and measure each: "
+                       "size, bits/weight, perplexity, KL against the float model (table, --json, --plot)")
+    p.add_argument("model", metavar="MODEL_F16", help="F16 / BF16 / F32 GGUF file, the reference")
+    p.add_argument("file", metavar="FILE", help="text file (as perplexity's)")
+    p.add_argument("--types", default=None, help="comma-separated file types (default "
+                   "Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K,Q8_0; any of quantize's)")
+    p.add_argument("--ctx", "-c", type=int, default=None, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=-1, help="max chunks, -1 = all")
+    p.add_argument("--keep-dir", metavar="DIR", default=None, help="keep the quantized files and the base's "
+                   "log-prob file (llama-perplexity --kl-divergence-base format) in DIR (default: a temporary "
+                   "directory, deleted)")
+    p.add_argument("--imatrix", metavar="FILE", default=None, help="importance matrix for quantize")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="PNG: perplexity and mean KLD against bits per weight (matplotlib, the plots extra)")
+    _add_precision_flag(p)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("runtime.quant_report:cli_quant_report"))
+
+
 COMMANDS = [_add_info, _add_pull, _add_chat, _add_generate, _add_perplexity,
             _add_attention, _add_lens, _add_surprise, _add_plan, _add_bench, _add_serve, _add_quantize,
-            _add_imatrix]
+            _add_imatrix, _add_quant_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands that run the engine's compiled kernels
 _COMPUTING = {"generate", "chat", "perplexity", "attention", "bench", "serve", "lens", "surprise",
-              "imatrix"}
+              "imatrix", "quant-report"}
 
 
 def _jit_cache_warm() -> bool:

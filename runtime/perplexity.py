@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -52,7 +52,8 @@ __all__ = ["ChunkStats", "KLStats", "KLRows", "KLAccumulator", "PerplexityResult
            "token_nll", "kl_and_top1", "kl_rows", "kl_rows_from_records", "log_prob_records",
            "decode_log_prob_records", "record_width", "KLBaseWriter", "KLBaseFile", "KLBaseFileError",
            "KL_MAGIC", "chunk_count", "perplexity_of_tokens", "perplexity_of_text", "perplexity_of_file",
-           "kl_divergence_of_file", "format_kl_table", "tokenize_for_perplexity", "cli_perplexity"]
+           "kl_divergence_of_file", "format_kl_table", "tokenize_for_perplexity", "cli_perplexity",
+           "ChunkJob", "ChunkScore", "chunk_jobs", "score_chunk", "LocalScorer"]
 
 # Rows of logits converted to float64 at a time: bounds the temporary memory
 # independently of ctx and vocabulary size (32 x 262144 x 8 B = 64 MiB).
@@ -487,6 +488,16 @@ class KLBaseWriter:
             self._f.write(log_prob_records(scored_logits[a:a + _ROWS]).astype("<u2").tobytes())
         self._written += 1
 
+    def write_records(self, records: np.ndarray) -> None:
+        """The next chunk as log_prob_records of its scored logits (computed where the chunk was scored)."""
+        shape = (_scored_rows(self.n_ctx), record_width(self.n_vocab))
+        if records is None or records.shape != shape:
+            raise ValueError(f"a chunk has {shape} records, got {None if records is None else records.shape}")
+        if self._written >= self.n_chunk:
+            raise ValueError(f"all {self.n_chunk} chunks are written")
+        self._f.write(np.asarray(records, dtype="<u2").tobytes())
+        self._written += 1
+
     def close(self) -> None:
         if self._written != self.n_chunk:
             self.abort()
@@ -608,59 +619,153 @@ def _check_bos(model) -> bool:
     return add_bos
 
 
-def _run(model, tokens: np.ndarray, n_ctx: int, total: int, *, base=None, base_file: KLBaseFile | None = None,
-         writer: KLBaseWriter | None = None, base_name: str = "",
-         on_chunk: Callable[[ChunkStats], None] | None = None) -> PerplexityResult:
-    """The chunk loop: the model's PPL, and KL statistics against a live base or a base file."""
-    tok = model.tokenizer
-    add_bos = _check_bos(model)
+class ChunkJob(NamedTuple):
+    """One chunk to score: everything its scoring needs besides the model(s)."""
+    index: int                              # 0-based chunk number
+    ids: np.ndarray                         # int32 [n_ctx], as evaluated (BOS first where the model uses it)
+    targets: np.ndarray                     # int32 [n_ctx - 1 - n_ctx/2]: what the scored positions predict
+    base_records: np.ndarray | None = None  # uint16: this chunk's records of a --kl-divergence-base file
+
+
+class ChunkScore(NamedTuple):
+    """What one chunk contributes to the statistics: per scored token, in position order."""
+    index: int
+    nll: np.ndarray               # float64: -log p(token)
+    kl: KLRows | None             # against the base (model or file), when there is one
+    records: np.ndarray | None    # uint16 log-prob records, when a --kl-divergence-base file is written
+    eval_seconds: float           # the forward pass(es)
+    seconds: float                # the whole scoring
+    evaluated: int                # tokens run through a model: n_ctx, 2 n_ctx with a live base
+
+
+def chunk_jobs(tokens: np.ndarray, n_ctx: int, total: int, bos_id: int | None = None,
+               base_file: KLBaseFile | None = None) -> Iterator[ChunkJob]:
+    """The first ``total`` chunks of ``tokens``, the first token replaced by ``bos_id`` when given."""
     first = n_ctx // 2
-    nll = Running()
-    kld = KLAccumulator() if base is not None or base_file is not None else None
-    chunks: list[ChunkStats] = []
-    t_eval = 0.0
-    t0 = time.perf_counter()
     for i in range(total):
         start = i * n_ctx
-        ids = tokens[start:start + n_ctx].tolist()
-        if add_bos:
-            ids[0] = tok.bos_id
-        targets = tokens[start + first + 1:start + n_ctx]
+        ids = np.array(tokens[start:start + n_ctx], dtype=np.int32)
+        if bos_id is not None:
+            ids[0] = bos_id
+        targets = np.array(tokens[start + first + 1:start + n_ctx], dtype=np.int32)
+        yield ChunkJob(i, ids, targets, None if base_file is None else base_file.chunk(i))
 
-        t_chunk = t = time.perf_counter()
-        logits = _chunk_logits(model, ids)
+
+def score_chunk(model, job: ChunkJob, *, base=None, want_records: bool = False) -> ChunkScore:
+    """One chunk's per-token statistics; a pure function of the model(s) and the job.
+
+    The local loop and the Ray workers (runtime/distributed.py) both call it, so
+    a distributed run computes the very same float64 values per token."""
+    n_ctx = len(job.ids)
+    first = n_ctx // 2
+    ids = job.ids.tolist()
+    t_chunk = t = time.perf_counter()
+    logits = _chunk_logits(model, ids)
+    t_eval = time.perf_counter() - t
+    if logits.shape[0] != n_ctx:
+        raise RuntimeError(f"model returned {logits.shape[0]} rows of logits for {n_ctx} tokens")
+    scored = logits[first:n_ctx - 1]
+    nll = token_nll(scored, job.targets)
+    records = log_prob_records(scored) if want_records else None
+    kl = None
+    if base is not None:
+        t = time.perf_counter()
+        base_logits = _chunk_logits(base, ids)
         t_eval += time.perf_counter() - t
-        if logits.shape[0] != n_ctx:
-            raise RuntimeError(f"model returned {logits.shape[0]} rows of logits for {n_ctx} tokens")
-        scored = logits[first:n_ctx - 1]
-        v = token_nll(scored, targets)
-        nll.add(v)
-        if writer is not None:
-            writer.write_chunk(scored)
-        if base is not None:
-            t = time.perf_counter()
-            base_logits = _chunk_logits(base, ids)
-            t_eval += time.perf_counter() - t
-            kld.add(kl_rows(base_logits[first:n_ctx - 1], scored, targets))
-            del base_logits
-        elif base_file is not None:
-            kld.add(kl_rows_from_records(base_file.chunk(i), scored, targets))
-        del logits, scored
+        kl = kl_rows(base_logits[first:n_ctx - 1], scored, job.targets)
+        del base_logits
+    elif job.base_records is not None:
+        kl = kl_rows_from_records(job.base_records, scored, job.targets)
+    return ChunkScore(job.index, nll, kl, records, t_eval, time.perf_counter() - t_chunk,
+                      n_ctx * (2 if base is not None else 1))
 
-        evaluated = (i + 1) * n_ctx * (2 if base is not None else 1)
+
+class LocalScorer:
+    """Scores chunks one after the other in this process."""
+
+    parallel = False   # speed from the forward passes' time, not the wall clock
+
+    def __init__(self, model, base=None):
+        self.model, self.base = model, base
+
+    @property
+    def with_base(self) -> bool:
+        return self.base is not None
+
+    def scores(self, jobs: Iterable[ChunkJob], want_records: bool = False) -> Iterator[ChunkScore]:
+        for job in jobs:
+            yield score_chunk(self.model, job, base=self.base, want_records=want_records)
+
+
+class _Merge:
+    """The running statistics over ChunkScores taken in chunk order.  Local and
+    distributed runs both go through it: the same sums, added in the same order,
+    so the results agree to the last bit, not only to the printed digits."""
+
+    def __init__(self, total: int, with_kl: bool, writer: KLBaseWriter | None,
+                 on_chunk: Callable[[ChunkStats], None] | None, wall_clock: bool):
+        self.total, self.writer, self.on_chunk, self.wall_clock = total, writer, on_chunk, wall_clock
+        self.nll = Running()
+        self.kld = KLAccumulator() if with_kl else None
+        self.chunks: list[ChunkStats] = []
+        self.t_eval = 0.0
+        self.evaluated = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, s: ChunkScore) -> None:
+        i = len(self.chunks)
+        if s.index != i:
+            raise RuntimeError(f"chunk {s.index + 1} arrived where chunk {i + 1} was due")
+        self.nll.add(s.nll)
+        if self.writer is not None:
+            self.writer.write_records(s.records)
+        if self.kld is not None:
+            self.kld.add(s.kl)
+        self.evaluated += s.evaluated
+        if self.wall_clock:
+            # workers run chunks side by side: the speed is what the cluster delivers
+            elapsed = time.perf_counter() - self.t0
+            seconds = elapsed / (i + 1)
+        else:
+            self.t_eval += s.eval_seconds
+            elapsed, seconds = self.t_eval, s.seconds
         extra = {}
-        if kld is not None:
+        if self.kld is not None:
+            kld = self.kld
             extra = dict(kl_mean=kld.kl_mean()[0], top1=kld.same_top()[0], ln_ppl_ratio=kld.ln_ratio()[0],
                          dp_rms=kld.dp_rms()[0])
-        stats = ChunkStats(chunk=i + 1, n_chunks=total, ppl=math.exp(nll.mean),
+        nll = self.nll
+        stats = ChunkStats(chunk=i + 1, n_chunks=self.total, ppl=math.exp(nll.mean),
                            ppl_err=math.exp(nll.mean) * nll.stderr,
-                           chunk_ppl=float(math.exp(v.mean())), seconds=time.perf_counter() - t_chunk,
-                           tokens_per_s=evaluated / t_eval if t_eval > 0 else float("inf"), **extra)
-        chunks.append(stats)
-        if on_chunk is not None:
-            on_chunk(stats)
+                           chunk_ppl=float(math.exp(s.nll.mean())), seconds=seconds,
+                           tokens_per_s=self.evaluated / elapsed if elapsed > 0 else float("inf"), **extra)
+        self.chunks.append(stats)
+        if self.on_chunk is not None:
+            self.on_chunk(stats)
 
-    seconds = time.perf_counter() - t0
+
+def _run(model, tokens: np.ndarray, n_ctx: int, total: int, *, base=None, base_file: KLBaseFile | None = None,
+         writer: KLBaseWriter | None = None, base_name: str = "",
+         on_chunk: Callable[[ChunkStats], None] | None = None, scorer=None) -> PerplexityResult:
+    """The chunk loop: the model's PPL, and KL statistics against a live base or a base file.
+
+    ``scorer`` (default: a LocalScorer of model and base) turns ChunkJobs into
+    ChunkScores in chunk order; runtime.distributed.RayScorer is the other one."""
+    add_bos = _check_bos(model)
+    if scorer is None:
+        scorer = LocalScorer(model, base)
+    elif scorer.with_base != (base is not None):
+        raise ValueError("the scorer's live base and the run's do not match")
+    merge = _Merge(total, base is not None or base_file is not None, writer, on_chunk,
+                   wall_clock=bool(getattr(scorer, "parallel", False)))
+    jobs = chunk_jobs(tokens, n_ctx, total, model.tokenizer.bos_id if add_bos else None, base_file)
+    for s in scorer.scores(jobs, want_records=writer is not None):
+        merge.add(s)
+    if len(merge.chunks) != total:
+        raise RuntimeError(f"{len(merge.chunks)} of {total} chunks were scored")
+
+    chunks, nll, kld = merge.chunks, merge.nll, merge.kld
+    seconds = time.perf_counter() - merge.t0
     ppl = math.exp(nll.mean)
     result = PerplexityResult(
         ppl=ppl, ppl_err=ppl * nll.stderr, nll_mean=nll.mean, n_ctx=n_ctx, n_chunks=total,
@@ -674,7 +779,7 @@ def _run(model, tokens: np.ndarray, n_ctx: int, total: int, *, base=None, base_f
 
 def perplexity_of_tokens(model, tokens: Sequence[int], *, n_ctx: int = 512, n_chunks: int = -1,
                          base=None, base_name: str = "", kl_base_out=None,
-                         on_chunk: Callable[[ChunkStats], None] | None = None) -> PerplexityResult:
+                         on_chunk: Callable[[ChunkStats], None] | None = None, scorer=None) -> PerplexityResult:
     """Run llama-perplexity's method on already tokenized text.
 
     ``model`` (and ``base``) need ``.logits(ids) -> [len(ids), n_vocab]`` and a
@@ -682,7 +787,10 @@ def perplexity_of_tokens(model, tokens: Sequence[int], *, n_ctx: int = 512, n_ch
     (``result.kl``, llama-perplexity's KL statistics).  ``kl_base_out``: write
     the model's log-probs there in llama-perplexity's --kl-divergence-base
     format (for ``kl_divergence_of_file`` or llama.cpp).  ``on_chunk``
-    receives the running statistics after every chunk.
+    receives the running statistics after every chunk.  ``scorer``: who
+    evaluates the chunks (default here, one after the other; a
+    ``runtime.distributed.RayScorer`` over a Ray cluster, holding its own
+    copies of model and base: ``model``/``base`` are then only checked).
     """
     tokens = np.asarray(tokens, dtype=np.int32)
     total = chunk_count(len(tokens), n_ctx, n_chunks)
@@ -694,11 +802,12 @@ def perplexity_of_tokens(model, tokens: Sequence[int], *, n_ctx: int = 512, n_ch
         if bool(base.tokenizer.add_bos) != add_bos or (add_bos and base.tokenizer.bos_id != tok.bos_id):
             raise ValueError("--kl-base uses a different BOS convention than the model")
     if kl_base_out is None:
-        return _run(model, tokens, n_ctx, total, base=base, base_name=base_name, on_chunk=on_chunk)
+        return _run(model, tokens, n_ctx, total, base=base, base_name=base_name, on_chunk=on_chunk,
+                    scorer=scorer)
     writer = KLBaseWriter(kl_base_out, n_ctx, model.n_vocab, tokens[:total * n_ctx])
     try:
         result = _run(model, tokens, n_ctx, total, base=base, base_name=base_name, writer=writer,
-                      on_chunk=on_chunk)
+                      on_chunk=on_chunk, scorer=scorer)
     except BaseException:
         writer.abort()
         raise
@@ -708,7 +817,7 @@ def perplexity_of_tokens(model, tokens: Sequence[int], *, n_ctx: int = 512, n_ch
 
 
 def kl_divergence_of_file(model, path, *, n_chunks: int = -1,
-                          on_chunk: Callable[[ChunkStats], None] | None = None) -> PerplexityResult:
+                          on_chunk: Callable[[ChunkStats], None] | None = None, scorer=None) -> PerplexityResult:
     """llama-perplexity --kl-divergence: the model on the tokens of a log-prob file
     (its chunks, BOS as this model's tokenizer wants it), compared position by
     position with the base's stored log-probs.  ``n_chunks`` > 0 uses only the
@@ -727,7 +836,7 @@ def kl_divergence_of_file(model, path, *, n_chunks: int = -1,
                               f"(vocabulary has {model.n_vocab} tokens)")
     total = f.n_chunk if n_chunks is None or n_chunks < 0 else min(n_chunks, f.n_chunk)
     return _run(model, f.tokens.astype(np.int32), f.n_ctx, total, base_file=f, base_name=str(f.path),
-                on_chunk=on_chunk)
+                on_chunk=on_chunk, scorer=scorer)
 
 
 def tokenize_for_perplexity(model, text: str) -> list[int]:
@@ -820,6 +929,14 @@ def _for_stream(text: str, stream) -> str:
         return text.replace("\u00b1", "+/-").replace("\u0394", "d")
 
 
+def _chunk_line(s: ChunkStats) -> str:
+    """The running line printed after each chunk."""
+    extra = "" if s.kl_mean is None else (f"  ln(PPL(Q)/PPL(base)) {s.ln_ppl_ratio:.5f}  KLD "
+                                          f"{s.kl_mean:.6f}  RMS dp {100 * s.dp_rms:.3f}%  "
+                                          f"same top {100 * s.top1:.2f}%")
+    return f"[{s.chunk}/{s.n_chunks}] ppl {s.ppl:.4f} +/- {s.ppl_err:.4f}  (chunk {s.chunk_ppl:.4f}){extra}"
+
+
 def _format(r: PerplexityResult, model_name: str, file_name: str) -> str:
     lines = [f"model   {model_name} (precision {r.precision})",
              f"file    {file_name}: {r.n_tokens} tokens, {r.n_chunks} chunks of {r.n_ctx}"
@@ -858,6 +975,24 @@ def _check_output(out: str, *keep) -> None:
         raise ValueError(f"--kl-divergence-base {out}: no such directory {p.parent}")
 
 
+def _ray_scorer(args, model, n_ctx: int, precision: str, n_chunks: int):
+    """--ray: a RayScorer holding the model (and --kl-base) on the cluster's workers; None without --ray."""
+    from .cli import CLIError
+    from .distributed import RayScorer, model_ref
+
+    scorer = RayScorer(model_ref(args.model), model_ref(args.kl_base) if args.kl_base else None, n_ctx=n_ctx,
+                       precision=precision, address=args.ray or None, workers=args.ray_workers,
+                       threads=args.threads, limit=n_chunks)
+    if scorer.n_vocab != model.n_vocab:
+        scorer.close()
+        raise CLIError(f"the Ray workers' {args.model} has {scorer.n_vocab} tokens of vocabulary, this "
+                       f"machine's {model.n_vocab}: the nodes do not hold the same file")
+    nodes = sorted({w["node"] for w in scorer.info})
+    print(f"ray: {scorer.workers} workers x {scorer.threads} threads on {len(nodes)} node"
+          f"{'s' if len(nodes) != 1 else ''}", file=sys.stderr, flush=True)
+    return scorer
+
+
 def cli_perplexity(args) -> int:
     from .cli import CLIError
     from .model import Model
@@ -877,16 +1012,20 @@ def cli_perplexity(args) -> int:
         raise CLIError(f"--chunks must be positive or -1 (got {args.chunks})")
     if args.file is not None and not Path(args.file).is_file():
         raise CLIError(f"no such file: {args.file}")
+    use_ray = getattr(args, "ray", None) is not None
+    if getattr(args, "ray_workers", None) is not None and not use_ray:
+        raise CLIError("--ray-workers needs --ray")
+    if use_ray:
+        from .distributed import require_ray
+
+        require_ray()   # before loading anything: one line naming the extra
+    scorer = None
 
     progress = _Progress()
 
     def on_chunk(s: ChunkStats) -> None:
         if not args.json:
-            extra = "" if s.kl_mean is None else (f"  ln(PPL(Q)/PPL(base)) {s.ln_ppl_ratio:.5f}  KLD "
-                                                  f"{s.kl_mean:.6f}  RMS dp {100 * s.dp_rms:.3f}%  "
-                                                  f"same top {100 * s.top1:.2f}%")
-            print(f"[{s.chunk}/{s.n_chunks}] ppl {s.ppl:.4f} +/- {s.ppl_err:.4f}  "
-                  f"(chunk {s.chunk_ppl:.4f}){extra}", flush=True)
+            print(_chunk_line(s), flush=True)
         progress.update(s)
 
     if kl_mode:
@@ -902,7 +1041,14 @@ def cli_perplexity(args) -> int:
             if mine != base_file.tokens.tolist():
                 raise CLIError(f"{args.file} does not tokenize to the tokens stored in {kl_file} "
                                f"(another text, or another tokenizer)")
-        r = kl_divergence_of_file(model, base_file, n_chunks=args.chunks, on_chunk=on_chunk)
+        if use_ray:
+            scorer = _ray_scorer(args, model, base_file.n_ctx, precision,
+                                 base_file.n_chunk if args.chunks < 0 else min(args.chunks, base_file.n_chunk))
+        try:
+            r = kl_divergence_of_file(model, base_file, n_chunks=args.chunks, on_chunk=on_chunk, scorer=scorer)
+        finally:
+            if scorer is not None:
+                scorer.close()
         file_name = f"{kl_file} (tokens)"
     else:
         if args.file is None:
@@ -916,11 +1062,18 @@ def cli_perplexity(args) -> int:
         tokens = tokenize_for_perplexity(model, text)
         del text
         try:
-            chunk_count(len(tokens), n_ctx, args.chunks)
+            total = chunk_count(len(tokens), n_ctx, args.chunks)
         except ValueError as e:
             raise CLIError(str(e)) from None
-        r = perplexity_of_tokens(model, tokens, n_ctx=n_ctx, n_chunks=args.chunks, base=base,
-                                 base_name=str(args.kl_base or ""), kl_base_out=kl_file, on_chunk=on_chunk)
+        if use_ray:
+            scorer = _ray_scorer(args, model, n_ctx, precision, total)
+        try:
+            r = perplexity_of_tokens(model, tokens, n_ctx=n_ctx, n_chunks=args.chunks, base=base,
+                                     base_name=str(args.kl_base or ""), kl_base_out=kl_file, on_chunk=on_chunk,
+                                     scorer=scorer)
+        finally:
+            if scorer is not None:
+                scorer.close()
         file_name = str(args.file)
     if args.json:
         d = r.to_dict()

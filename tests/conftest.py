@@ -72,3 +72,28 @@ def llama_cpp(smollm2_path):
     if not result.ok:
         pytest.fail(result.describe(), pytrace=False)
     return mod
+
+
+@pytest.fixture(scope="session")
+def llamacpp_tools():
+    """llama.cpp's llama-quantize, llama-imatrix and llama-perplexity of the installed
+    llama-cpp-python's version (runtime.llamacpp_tools): found in the per-machine cache,
+    else built now (several minutes on 2 cores; .ci/run builds them before pytest).
+    Skips only where the build cannot run (no llama-cpp-python, cmake or C/C++ compiler);
+    a build that runs and fails is a failure."""
+    from runtime import llamacpp_tools as lt
+
+    try:
+        version = lt.installed_version()
+    except lt.ToolsBuildError as e:
+        pytest.skip(str(e))
+    found = lt.find_tools(version)
+    if found:
+        return found
+    missing = lt.missing_build_tools()
+    if missing:
+        pytest.skip("llama.cpp's tools are not built and cannot be: missing " + " and ".join(missing))
+    try:
+        return lt.ensure_tools(version, timeout=3600)
+    except lt.ToolsBuildError as e:
+        pytest.fail(str(e), pytrace=False)

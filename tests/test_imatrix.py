@@ -184,3 +184,104 @@ def test_cli_errors(tmp_path):
         assert r.returncode == 1 and len(err) == 1 and err[0].startswith("error:"), (args, r.stderr)
         assert msg in err[0], (args, err)
     assert not (tmp_path / "o.gguf").exists()
+
+
+# --- against llama.cpp's own tools (llama-imatrix, llama-quantize: runtime.llamacpp_tools) ----
+
+from test_quantize import _cached, smollm2_f16  # noqa: E402,F401  (the F16 copy, and its cache)
+
+TOOL_CTX, TOOL_CHUNKS = 128, 4  # 4 chunks of 128 tokens: one llama_decode call of 512 rows
+
+
+def _tool(path: Path, *args, timeout=600) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(path), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{path.name} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_path) -> Path:
+    """SmolLM2-135M (Q4_1) decoded by runtime.quant and stored as F32: llama.cpp's F32
+    matmuls keep float32 activations, as ours do with precision "exact" (its F16 and
+    quantized ones round them first), so both sums see the same activations."""
+    return _cached("smollm2-f32", lambda p: rq.quantize_file(smollm2_path, p, "F32"))
+
+
+@pytest.fixture(scope="session")
+def imatrix_pair(llamacpp_tools, smollm2_f32, wikitext, tmp_path_factory):
+    """(text, llama-imatrix's file, ours) over the same slice of WikiText-2 on the F32
+    SmolLM2, float32 KV cache on both sides (llama.cpp's F16 cache rounds the query too)
+    and llama.cpp's flash attention off (with it on, measured here, attn_output's sums
+    already differ by 6.6e-4 in layer 0 and 2.8e-3 at worst; off, 1.8e-5 at worst)."""
+    d = tmp_path_factory.mktemp("imatrix-vs-llamacpp")
+    text = d / "calib.txt"
+    text.write_text(wikitext[:3000], encoding="utf-8")
+    theirs = d / "llama-imatrix.gguf"
+    _tool(llamacpp_tools.imatrix, "-m", smollm2_f32, "-f", text, "-o", theirs, "--output-format", "gguf",
+          "-c", TOOL_CTX, "--chunks", TOOL_CHUNKS, "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-ppl", "-t", 2)
+    model = Model.load(smollm2_f32, n_ctx=TOOL_CTX, kv_type="f32", precision="exact")
+    from runtime.perplexity import tokenize_for_perplexity
+
+    tokens = tokenize_for_perplexity(model, text.read_text(encoding="utf-8"))
+    r = ri.compute_imatrix(model, tokens, TOOL_CTX, TOOL_CHUNKS, datasets=[str(text)])
+    ours = ri.write_imatrix(r, d / "ours.gguf")
+    return text, theirs, ours
+
+
+def _imatrix_tensors(path: Path) -> tuple[dict, dict]:
+    import gguf
+
+    rd = gguf.GGUFReader(path)
+    t = {x.name: np.array(x.data, dtype=np.float64).reshape(-1) for x in rd.tensors}
+    meta = {k: rd.fields[k].contents() for k in ("general.type", "imatrix.chunk_count", "imatrix.chunk_size",
+                                                  "imatrix.datasets") if k in rd.fields}
+    return t, meta
+
+
+def test_imatrix_matches_llama_imatrix(imatrix_pair):
+    """Every matrix's in_sum2 within 1e-5 relative of llama-imatrix's, counts equal."""
+    text, theirs, ours = imatrix_pair
+    tt, mt = _imatrix_tensors(theirs)
+    to, mo = _imatrix_tensors(ours)
+    assert sorted(to) == sorted(tt), sorted(set(to) ^ set(tt))
+    assert len(tt) == 2 * 30 * len(ri.MATRICES)
+    assert mo["general.type"] == mt["general.type"] == "imatrix"
+    assert mo["imatrix.chunk_count"] == mt["imatrix.chunk_count"] == TOOL_CHUNKS
+    assert mo["imatrix.chunk_size"] == mt["imatrix.chunk_size"] == TOOL_CTX
+    assert mo["imatrix.datasets"] == mt["imatrix.datasets"] == [str(text)]
+    worst = worst_scaled = (0.0, "")
+    for name in sorted(tt):
+        a, b = to[name], tt[name]
+        if name.endswith(".counts"):
+            assert np.array_equal(a, b) and a[0] == TOOL_CTX * TOOL_CHUNKS, (name, a, b)
+            continue
+        assert a.shape == b.shape, name
+        worst = max(worst, (float(np.max(np.abs(a - b) / np.abs(b))), name))
+        # relative to the larger of the column's sum and the matrix's mean column sum:
+        # a column whose activations are all tiny carries its neighbours' absolute error
+        worst_scaled = max(worst_scaled, (float(np.max(np.abs(a - b) / np.maximum(np.abs(b), b.mean()))), name))
+    print(f"largest relative difference from llama-imatrix: {worst[0]:.2e} ({worst[1]}); "
+          f"scaled {worst_scaled[0]:.2e} ({worst_scaled[1]})")
+    assert worst_scaled[0] <= 1e-5, worst_scaled
+    assert worst[0] <= 5e-5, worst
+
+
+# IQ4_XS (IQ4_NL on SmolLM2's 576-wide rows) costs ~45 CPU s per side: llama-imatrix's file only
+TOOL_QUANT_CASES = [("Q4_K_M", "theirs"), ("Q4_K_M", "ours"), ("IQ4_XS", "theirs")]
+
+
+@pytest.mark.parametrize("ftype,which", TOOL_QUANT_CASES, ids=[f"{t}-{w}" for t, w in TOOL_QUANT_CASES])
+def test_quantize_with_imatrix_matches_llama_quantize(llamacpp_tools, imatrix_pair, smollm2_f16, tmp_path,
+                                                      ftype, which):
+    """`quantize --imatrix FILE` (our CLI) and `llama-quantize --imatrix FILE`, on
+    SmolLM2 in F16, given llama-imatrix's file or ours: every tensor byte-identical.
+    (SmolLM2's rows of 576 are no multiple of 256: most matrices fall back to the
+    legacy / IQ4_NL types, whose imatrix searches are then the ones compared.)"""
+    from test_quantize import _assert_same_tensors
+
+    _, theirs_im, ours_im = imatrix_pair
+    im = theirs_im if which == "theirs" else ours_im
+    theirs = tmp_path / "llama-quantize.gguf"
+    _tool(llamacpp_tools.quantize, "--imatrix", im, smollm2_f16, theirs, ftype, 2)
+    ours = rq.quantize_file(smollm2_f16, tmp_path / "ours.gguf", ftype, imatrix=im).path
+    _assert_same_tensors(ours, theirs)
