@@ -49,6 +49,7 @@ from .scheduler import (Delta, Failed, Finished, GenerationRequest, PromptTooLon
 __all__ = ["ServerSettings", "create_app", "cli_serve", "APIError", "ReasoningSplitter"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024   # larger bodies get 413 before any parsing
+DRAIN_BYTES = 64 * 1024 * 1024     # an oversized body is read and dropped up to this, then cut off
 # the web chat page holds no data (its requests carry the key the user types)
 PUBLIC_PATHS = {"/", "/health", "/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 WEBCHAT_PAGE = Path(__file__).with_name("webchat.html")
@@ -806,6 +807,17 @@ class _Guard:
 
     async def _too_large(self, scope, receive, send, size):
         self.counters["http_errors"] += 1
+        # read (and drop) what the client is still sending before answering: closing a
+        # socket with unread data makes the kernel send a reset, which can destroy the
+        # 413 before the client reads it; past DRAIN_BYTES the connection is just closed
+        drained = 0
+        while drained <= DRAIN_BYTES:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            drained += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
         resp = _error_response(413, f"the request body has {'more than ' if size else ''}{size} bytes; "
                                f"the limit is {self.settings.max_body}", code="request_too_large",
                                headers={"Connection": "close"})
