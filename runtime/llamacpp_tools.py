@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .llamacpp import cpu_flags
+from .threads import default_threads
 
 __all__ = ["TOOLS", "ToolsBuildError", "LlamaCppTools", "cache_root", "cmake_args", "build_key",
            "installed_version", "find_tools", "ensure_tools", "missing_build_tools"]
@@ -137,13 +138,6 @@ def missing_build_tools() -> list[str]:
     if not any(shutil.which(n) for n in (os.environ.get("CC"), "cc", "gcc", "clang") if n):
         missing.append("a C compiler (cc, gcc or clang; or $CC)")
     return missing
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def find_tools(version: str | None = None, flags=None) -> LlamaCppTools | None:
@@ -279,7 +273,7 @@ def ensure_tools(version: str | None = None, *, flags=None, sdist=None, jobs: in
         found = find_tools(version, flags)  # built by whoever held the lock before us
         if found:
             return found
-        seconds = _build(version, flags, key, root, Path(sdist) if sdist else None, jobs or _cpu_count(),
+        seconds = _build(version, flags, key, root, Path(sdist) if sdist else None, jobs or default_threads(),
                          log_to, timeout)
     log_to(f"llama.cpp tools: built in {seconds:.0f} s into {root / key}")
     return LlamaCppTools(root / key, version, True, seconds)

@@ -477,17 +477,6 @@ class KLBaseWriter:
             self.abort()
             raise
 
-    def write_chunk(self, scored_logits: np.ndarray) -> None:
-        """The scored positions' logits of the next chunk, float32 [n_ctx - 1 - n_ctx/2, n_vocab]."""
-        if scored_logits.shape != (_scored_rows(self.n_ctx), self.n_vocab):
-            raise ValueError(f"a chunk has {_scored_rows(self.n_ctx)} scored rows of {self.n_vocab}, "
-                             f"got {scored_logits.shape}")
-        if self._written >= self.n_chunk:
-            raise ValueError(f"all {self.n_chunk} chunks are written")
-        for a in range(0, len(scored_logits), _ROWS):
-            self._f.write(log_prob_records(scored_logits[a:a + _ROWS]).astype("<u2").tobytes())
-        self._written += 1
-
     def write_records(self, records: np.ndarray) -> None:
         """The next chunk as log_prob_records of its scored logits (computed where the chunk was scored)."""
         shape = (_scored_rows(self.n_ctx), record_width(self.n_vocab))
