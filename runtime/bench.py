@@ -73,10 +73,10 @@ def _stats(tps: list[float]) -> dict:
 class _Ours:
     name = "ours"
 
-    def __init__(self, path, n_ctx, threads):
+    def __init__(self, path, n_ctx, threads, precision="fast"):
         from .model import Model
 
-        self.model = Model.load(path, n_ctx=n_ctx, n_threads=threads)
+        self.model = Model.load(path, n_ctx=n_ctx, n_threads=threads, precision=precision)
         self.session = self.model.session()
         self.n_vocab = self.model.n_vocab
 
@@ -201,18 +201,19 @@ def _commit() -> str | None:
         return None
 
 
-def _engine(name: str, path, n_prompt: int, n_gen: int, threads: int):
+def _engine(name: str, path, n_prompt: int, n_gen: int, threads: int, precision: str = "fast"):
     """"ours" or "llama.cpp" on the file, with a context that holds the longer test
     (each test starts from an empty cache) and the prompt in one llama.cpp batch."""
     n_ctx = max(n_prompt, n_gen + 1, 16) + 16
     if name == "ours":
-        return _Ours(path, n_ctx, threads)
+        return _Ours(path, n_ctx, threads, precision)
     return _LlamaCpp(path, n_ctx, threads, max(n_prompt, 32))
 
 
 def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False, seed=1234,
-          progress=None) -> dict:
-    """Run the benchmark; returns every number (the --json document)."""
+          progress=None, precision="fast") -> dict:
+    """Run the benchmark; returns every number (the --json document).  precision
+    "exact" times our float32-activation matmuls (llama.cpp has no such mode)."""
     from .gguf import GGUFFile
     from .threads import default_threads, set_threads
 
@@ -226,12 +227,12 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     doc = {
         "model": path.name, "path": str(path), "file_size": path.stat().st_size,
         "architecture": g.arch, "n_params": int(sum(int(np.prod(t.shape)) for t in g.tensors.values())),
-        "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
+        "threads": threads, "precision": precision, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
         "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tests": {},
     }
-    say(f"ours: {path.name}, {threads} threads")
-    engines = [_engine("ours", path, n_prompt, n_gen, threads)]
+    say(f"ours: {path.name}, {threads} threads" + (", precision exact" if precision == "exact" else ""))
+    engines = [_engine("ours", path, n_prompt, n_gen, threads, precision)]
     if vs_llamacpp:
         from .llamacpp import mitigation
 
@@ -285,7 +286,8 @@ def format_table(doc: dict) -> str:
     """llama-bench style table, under 80 columns."""
     size = doc["file_size"] / 2**20
     name = doc["model"] if len(doc["model"]) <= 79 else doc["model"][:38] + "~" + doc["model"][-40:]
-    lines = [name, f"{size:.1f} MiB, {doc['n_params'] / 1e6:.1f} M params, {doc['threads']} threads, "
+    exact = ", precision exact" if doc.get("precision") == "exact" else ""
+    lines = [name, f"{size:.1f} MiB, {doc['n_params'] / 1e6:.1f} M params, {doc['threads']} threads{exact}, "
                    f"warm-up {doc['load_s']:.2f} s"]
     vs = any("llamacpp" in t for t in doc["tests"].values())
     head = f"{'test':>7} | {'ours t/s (min..max)':>25}"
@@ -332,7 +334,8 @@ def cli_bench(args) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     doc = bench(path, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
-                reps=args.repetitions, vs_llamacpp=args.vs_llamacpp, progress=progress)
+                reps=args.repetitions, vs_llamacpp=args.vs_llamacpp, progress=progress,
+                precision=args.precision)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

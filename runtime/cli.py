@@ -236,6 +236,7 @@ def _add_bench(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--vs-llamacpp", action="store_true", help="also run llama.cpp and print the ratio")
     p.add_argument("--json", action="store_true")
+    _add_precision_flag(p)
     p.set_defaults(func=_handler("runtime.bench:cli_bench"))
 
 

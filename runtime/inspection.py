@@ -434,8 +434,10 @@ def surprise_json(model, ids, res: dict, extra: dict | None = None) -> dict:
 
 def _windows_note(js: dict) -> str:
     """", scored in k windows of n_ctx tokens (stride s)" when the text did not fit."""
-    k = len(js.get("windows") or ())
-    return f", scored in {k} windows of {js['n_ctx']} tokens (stride {js['stride']})" if k > 1 else ""
+    from .inspection_views import windows_note
+
+    note = windows_note(js)
+    return f", {note}" if note else ""
 
 
 # surprisal (bits) at which the colour scale saturates; KL (nats) likewise

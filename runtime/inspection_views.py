@@ -152,6 +152,13 @@ Each cell: the top token decoded from that layer's residual stream at that posit
 # surprise page
 # --------------------------------------------------------------------------
 
+def windows_note(js: dict) -> str:
+    """"scored in k windows of n_ctx tokens (stride s)" for a surprise document whose
+    text did not fit one context, else "" (the console, HTML and PNG views all say it)."""
+    k = len(js.get("windows") or ())
+    return f"scored in {k} windows of {js['n_ctx']} tokens (stride {js['stride']})" if k > 1 else ""
+
+
 def surprise_html(js: dict, *, title: str = "surprise") -> str:
     """The text, each token shaded by surprisal (or by KL against the base model,
     or by entropy: a picker); hover a token for its numbers."""
@@ -160,8 +167,7 @@ def surprise_html(js: dict, *, title: str = "surprise") -> str:
             f"{js['mean_surprisal']:.2f} bits"
             + (f" &middot; base {html.escape(str(js.get('base', '')))}: mean KL {js['kl_mean']:.5f}, "
                f"same top token {100 * js['top1']:.1f}%" if kl else "")
-            + (f" &middot; scored in {len(js['windows'])} windows of {js['n_ctx']} tokens (stride {js['stride']})"
-               if len(js.get("windows") or ()) > 1 else ""))
+            + (f" &middot; {windows_note(js)}" if windows_note(js) else ""))
     return (_SURPRISE_PAGE.replace("@@TITLE@@", html.escape(title)).replace("@@HEAD@@", head)
             .replace("@@DATA@@", _blob(js)))
 
@@ -333,8 +339,8 @@ def surprise_png(path, js: dict, *, title: str = "surprise", per_row: int = SURP
     if kl:
         head += (f"\nagainst {js.get('base', 'the base model')}: mean KL {js['kl_mean']:.5f} nats, "
                  f"same top token {100 * js['top1']:.1f}%")
-    if len(js.get("windows") or ()) > 1:
-        head += f"\n(scored in {len(js['windows'])} windows of {js['n_ctx']} tokens, stride {js['stride']})"
+    if windows_note(js):
+        head += f"\n{windows_note(js)}"
     fig.suptitle(head, fontsize=11)
     for r, row in enumerate(rows):
         x = np.arange(len(row))

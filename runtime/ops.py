@@ -511,6 +511,34 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         out[i, h * hdv:(h + 1) * hdv] = acc
 
 
+@njit(cache=True, parallel=True)
+def attention_rows(q, k_all, v_all, slots, kv_row, pos, n_heads, n_kv_heads, scale, out):
+    """One decode step of several sequences in one parallel region: query row i (at
+    position pos[i]) attends over its own cache k_all[slots[i], kv_row] (caches
+    [n_slots, n_layers, ctx, n_kv_heads, hd]), every (row, head) one task.  Each
+    task is attention()'s one-query path, the same operations in the same order,
+    so a row's output is what its own one-row call gives; one launch instead of
+    one per row (a launch and its barrier cost about as much as a short row's
+    heads).  Global layers only: sliding-window rows go through attention()."""
+    n = q.shape[0]
+    hdk = k_all.shape[4]
+    hdv = v_all.shape[4]
+    group = n_heads // n_kv_heads
+    for task in prange(n * n_heads):
+        i = task // n_heads
+        h = task % n_heads
+        g = h // group
+        kc = k_all[slots[i], kv_row]
+        vc = v_all[slots[i], kv_row]
+        L = pos[i] + 1
+        sc = np.empty(L, np.float32)
+        _score_row(q[i, h * hdk:(h + 1) * hdk], kc, g, L, scale, sc)
+        _softmax_causal(sc, L)
+        acc = np.empty(hdv, np.float32)
+        _weighted_values(sc, vc, g, L, acc)
+        out[i, h * hdv:(h + 1) * hdv] = acc
+
+
 # error_model="numpy": with Python's (the default) every float division checks for
 # zero and may raise, which keeps LLVM from vectorising the loop (2.2 ns -> 0.3 ns
 # per value; the results are the same bits).

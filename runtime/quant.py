@@ -1290,6 +1290,8 @@ def _ir_dot4(builder, acc, u8, s8, scale=None):
 # many rows share the step.
 
 Q8_MAX_ROWS = 16
+# Rows per register group inside _rows_dot_intrinsic (see there).
+_ROW_GROUP = 4
 
 
 def _rows_dot_intrinsic(unpack, dot, accs, finish):
@@ -1298,8 +1300,8 @@ def _rows_dot_intrinsic(unpack, dot, accs, finish):
     every i0 <= i < i1 and r < R <= Q8_MAX_ROWS.  The loop over weight rows is part
     of the kernel: a numba call per row (views, reference counts, the call) cost as
     much as the 28 blocks of a 896-wide row.  accs: [(llvm type, init constant)] per
-    row; dot(builder, st, i, xp, xdp, xsp) returns one value to add to each;
-    finish(builder, values) -> f32."""
+    row; dot(builder, st, i, xp, xdp, xsp) returns one value to add to each (or a
+    pair (a, b) to add as a * b, fused); finish(builder, values) -> f32."""
 
     @intrinsic
     def rows_dot(typingctx, W, i0, i1, xq, xd, xs16, nb, out):
@@ -1335,44 +1337,51 @@ def _rows_dot_intrinsic(unpack, dot, accs, finish):
                 off = builder.add(builder.mul(r, o_strides[0]), builder.mul(i, o_strides[1]))
                 return builder.bitcast(builder.gep(op0, [off]), f32.as_pointer())
 
-            one = builder.icmp_signed("==", n_rows, llir.Constant(n_rows.type, 1))
-            with builder.if_else(one) as (single, several):
-                with single:
-                    # One row (token-by-token decode): the same operations, with the
-                    # accumulators in registers (a row-indexed stack array costs
-                    # 30 % on short legacy blocks).
-                    regs = [cgutils.alloca_once(builder, ty) for ty, _ in accs]
-                    with cgutils.for_range_slice(builder, lo, hi, llir.Constant(i64, 1)) as (wi, _):
-                        wp = builder.gep(wp0, [builder.mul(wi, w_stride)])
-                        for slot, (_, init) in zip(regs, accs):
-                            builder.store(init, slot)
-                        with cgutils.for_range(builder, n) as blk:
-                            i = blk.index
-                            st = unpack(builder, i, wp)
-                            for slot, v in zip(regs, dot(builder, st, i, xp0, xdp0, xsp0)):
-                                builder.store(builder.fadd(builder.load(slot), v), slot)
-                        builder.store(finish(builder, [builder.load(slot) for slot in regs]),
-                                      out_ptr(llir.Constant(i64, 0), wi))
-                with several:
-                    slots = [cgutils.alloca_once(builder, ty, size=llir.Constant(i32, Q8_MAX_ROWS)) for ty, _ in accs]
-                    with cgutils.for_range_slice(builder, lo, hi, llir.Constant(i64, 1)) as (wi, _):
-                        wp = builder.gep(wp0, [builder.mul(wi, w_stride)])
-                        with cgutils.for_range(builder, n_rows) as r:
-                            for slot, (_, init) in zip(slots, accs):
-                                builder.store(init, builder.gep(slot, [r.index]))
-                        with cgutils.for_range(builder, n) as blk:
-                            i = blk.index
-                            st = unpack(builder, i, wp)
-                            with cgutils.for_range(builder, n_rows) as r:
-                                xp = builder.gep(xp0, [builder.mul(r.index, x_len)])
-                                xdp = builder.gep(xdp0, [builder.mul(r.index, xd_len)])
-                                xsp = builder.gep(xsp0, [builder.mul(r.index, xs_len)])
-                                for slot, v in zip(slots, dot(builder, st, i, xp, xdp, xsp)):
-                                    ptr = builder.gep(slot, [r.index])
-                                    builder.store(builder.fadd(builder.load(ptr), v), ptr)
-                        with cgutils.for_range(builder, n_rows) as r:
-                            vals = [builder.load(builder.gep(slot, [r.index])) for slot in slots]
-                            builder.store(finish(builder, vals), out_ptr(as_i64(r.index), wi))
+            def group(wi, wp, r0, k):
+                # Rows r0 .. r0 + k - 1 against weight row wi, each row's
+                # accumulators in registers (a row-indexed stack array, as before,
+                # made every extra row cost as much as a whole one-row call) and its
+                # activation pointers computed once per weight row, not per block.
+                rows = [as_i64(builder.add(r0, llir.Constant(r0.type, j))) for j in range(k)]
+                ptrs = [(builder.gep(xp0, [builder.mul(r, x_len)]), builder.gep(xdp0, [builder.mul(r, xd_len)]),
+                         builder.gep(xsp0, [builder.mul(r, xs_len)])) for r in rows]
+                regs = [[cgutils.alloca_once(builder, ty) for ty, _ in accs] for _ in range(k)]
+                for row_regs in regs:
+                    for slot, (_, init) in zip(row_regs, accs):
+                        builder.store(init, slot)
+                with cgutils.for_range(builder, n) as blk:
+                    i = blk.index
+                    st = unpack(builder, i, wp)
+                    for row_regs, (xp, xdp, xsp) in zip(regs, ptrs):
+                        for slot, v in zip(row_regs, dot(builder, st, i, xp, xdp, xsp)):
+                            builder.store(_ir_accumulate(builder, builder.load(slot), v), slot)
+                for r, row_regs in zip(rows, regs):
+                    builder.store(finish(builder, [builder.load(slot) for slot in row_regs]), out_ptr(r, wi))
+
+            # Rows go in groups of up to _ROW_GROUP, each group one pass over the
+            # weight row (unpacked once per group, from L1 after the first): the
+            # same operations for a row whatever group it is in, so its result
+            # does not depend on how many rows share the step.
+            n_groups = builder.sdiv(builder.add(n_rows, llir.Constant(n_rows.type, _ROW_GROUP - 1)),
+                                    llir.Constant(n_rows.type, _ROW_GROUP))
+            with cgutils.for_range_slice(builder, lo, hi, llir.Constant(i64, 1)) as (wi, _):
+                wp = builder.gep(wp0, [builder.mul(wi, w_stride)])
+                with cgutils.for_range(builder, n_groups) as g:
+                    r0 = builder.mul(g.index, llir.Constant(g.index.type, _ROW_GROUP))
+                    left = builder.sub(n_rows, r0)
+
+                    def sizes(k):
+                        if k == 1:
+                            group(wi, wp, r0, 1)
+                            return
+                        at_least = builder.icmp_signed(">=", left, llir.Constant(left.type, k))
+                        with builder.if_else(at_least) as (full, fewer):
+                            with full:
+                                group(wi, wp, r0, k)
+                            with fewer:
+                                sizes(k - 1)
+
+                    sizes(_ROW_GROUP)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1381,6 +1390,18 @@ def _rows_dot_intrinsic(unpack, dot, accs, finish):
 
 
 _F32_ZERO = llir.Constant(llir.FloatType(), 0.0)
+
+
+def _ir_accumulate(builder, acc, v):
+    """acc + v, or acc + a * b in one fused multiply-add where a dot returns the
+    pair (a, b): one rounding, as ggml's AVX2 dots (_mm256_fmadd_ps), and one
+    instruction fewer per block and row."""
+    if isinstance(v, tuple):
+        a, b = v
+        fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(a.type, [a.type] * 3),
+                                            f"llvm.fma.v{a.type.count}f32")
+        return builder.call(fn, [a, b, acc])
+    return builder.fadd(acc, v)
 
 
 _V8F = llir.VectorType(_F32, 8)
@@ -1604,7 +1625,7 @@ def _legacy_dot_intrinsic(kind):
             x = _ir_sign_i8(builder, x, q)
         v = _ir_dot4(builder, llir.Constant(v8i, [0] * 8), u, x)
         xdi = builder.load(builder.gep(xdp, [i]))
-        vec = builder.fmul(builder.sitofp(v, v8f), _ir_splat(builder, builder.fmul(d, xdi), 8))
+        vec = (builder.sitofp(v, v8f), _ir_splat(builder, builder.fmul(d, xdi), 8))  # fused into the sum
         if not has_min:
             return [vec]
         # the minimum times Q8_1's s = half(d * sum of the block's xq), as ggml does

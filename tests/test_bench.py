@@ -43,6 +43,25 @@ def test_json_numbers():
     assert doc["load_s"] >= 0
 
 
+def test_precision_exact_runs_the_float_activation_path():
+    """bench --precision exact times a model loaded with precision "exact" (float32
+    activations in every matmul) and says so; the default is "fast"."""
+    from runtime import bench as rb
+
+    path = synthetic_model("llama", 1, False, "Q8_0")
+    e = rb._engine("ours", path, 8, 2, 1, "exact")
+    assert e.model.precision == "exact" and e.session.precision == "exact"
+    r = _bench(path, "-p", 8, "-n", 2, "-r", 1, "-t", 1, "--precision", "exact", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["precision"] == "exact" and set(doc["tests"]) == {"pp8", "tg2"}
+    r = _bench(path, "-p", 8, "-n", 2, "-r", 1, "-t", 1, "--precision", "exact")
+    assert r.returncode == 0 and "precision exact" in r.stdout.splitlines()[1], r.stdout
+    assert json.loads(_bench(path, "-p", 0, "-n", 2, "-r", 1, "-t", 1, "--json").stdout)["precision"] == "fast"
+    r = _bench(path, "-p", 8, "-n", 2, "--precision", "bogus")
+    assert r.returncode != 0 and "precision" in r.stderr
+
+
 def test_table_and_skipping_a_test():
     path = synthetic_model("qwen2", 1, True, "F32")
     r = _bench(path, "-p", 0, "-n", 3, "-r", 1)

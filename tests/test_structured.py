@@ -604,9 +604,10 @@ root   ::= expr
 expr   ::= term (ws [-+] ws term){0,4}
 term   ::= factor (ws [*/] ws factor){0,3}
 factor ::= number | "(" ws expr ws ")"
-number ::= [0-9]{1,4}
+number ::= "0" | [1-9] [0-9]{0,3}
 ws     ::= " "?
 '''
+    # no leading zeros: "01" is a number to a looser grammar but not to Python's parser
     c = Constraint.grammar(smol.tokenizer, gbnf)
     outs = _samples(smol, c, "Write an arithmetic expression that equals 42.", range(10), n_predict=64)
     for text, t in outs:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import httpx
 
+from serve_process import serve_url, spawn_serve  # tools/serve_process.py (the tests use it too)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from _http_util import serve_url, spawn_serve  # noqa: E402 - the test suite's server start-up
 PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Empire begins",
            "Here is a recipe for a simple tomato soup:", "def quicksort(xs):",
            "The three laws of thermodynamics are", "Dear diary, today I",
