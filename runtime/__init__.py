@@ -16,6 +16,7 @@ def _numba_cache_dir() -> None:
     removed).  A NUMBA_CACHE_DIR set by the user is kept as the parent directory."""
     import hashlib
     import os
+    import re
     import shutil
     import sys
     from pathlib import Path
@@ -28,6 +29,12 @@ def _numba_cache_dir() -> None:
             h.update(f.name.encode() + b"\0" + src)
     tag = f"numba-{h.hexdigest()[:16]}"
     parent = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else here / "__pycache__"
+    if re.fullmatch(r"numba-[0-9a-f]{16}", parent.name):
+        # Inherited from a process that imported this package (a CLI test, a server
+        # started by a script): it already points at a cache of ours, so its parent is
+        # the parent.  Nesting a fresh cache inside it made every such child compile
+        # the whole engine again (about two minutes on 2 cores).
+        parent = parent.parent
     if not os.access(parent if parent.exists() else parent.parent, os.W_OK):
         parent = Path.home() / ".cache" / "gguf-runtime"
     target = parent / tag

@@ -37,6 +37,20 @@ def test_source_edit_changes_numba_cache_dir(tmp_path):
     assert not Path(first).exists()  # the stale cache is removed
 
 
+def test_a_child_process_shares_its_parents_cache(tmp_path):
+    """A process started by one that imported runtime inherits NUMBA_CACHE_DIR (the hashed
+    directory itself): it must use that directory, not a fresh one nested inside it; a
+    user's own NUMBA_CACHE_DIR stays the parent of the hashed one."""
+    code = ("import os, subprocess, sys, runtime; print(os.environ['NUMBA_CACHE_DIR']); sys.stdout.flush(); "
+            "subprocess.run([sys.executable, '-c', 'import os, runtime; print(os.environ[\"NUMBA_CACHE_DIR\"])'])")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "user-cache"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    parent, child = r.stdout.split()
+    assert Path(parent).parent == tmp_path / "user-cache" and Path(parent).name.startswith("numba-")
+    assert child == parent
+
+
 def test_forward_pass_loads_from_the_cache(tmp_path):
     """The engine's compiled entry (named tuples of weights, config and cache) is
     found in numba's on-disk cache by a second process: no recompilation per start."""
