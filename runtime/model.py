@@ -203,15 +203,12 @@ def attention_rows(x, pos, slots, w, l, cfg, kv, rope_cs):
         s = slots[i]
         kc, vc, n_swa = _layer_kv(kv.k[s], kv.v[s], kv.k_swa[s], kv.v_swa[s], cfg, l)
         ops.kv_write(k[i:i + 1], v[i:i + 1], kc, vc, pos[i], cfg.n_kv_heads, kc.shape[2], vc.shape[2])
+        if cfg.swa[l]:  # a sliding window: the ring's own one-row path
+            ops.attention(q[i:i + 1], kc, vc, pos[i], cfg.n_heads, cfg.n_kv_heads,
+                          np.float32(cfg.attn_scale), att[i:i + 1], empty3, True, n_swa)
     if not cfg.swa[l]:  # every row in one launch (the same per-row math)
         ops.attention_rows(q, kv.k, kv.v, slots, cfg.kv_row[l], pos, cfg.n_heads, cfg.n_kv_heads,
                            np.float32(cfg.attn_scale), att)
-    else:
-        for i in range(n):
-            s = slots[i]
-            kc, vc, n_swa = _layer_kv(kv.k[s], kv.v[s], kv.k_swa[s], kv.v_swa[s], cfg, l)
-            ops.attention(q[i:i + 1], kc, vc, pos[i], cfg.n_heads, cfg.n_kv_heads,
-                          np.float32(cfg.attn_scale), att[i:i + 1], empty3, True, n_swa)
     return _post_norm(_linear(att, w, w.mats[l][WO], None), w.post_attn_norm, l, cfg)
 
 

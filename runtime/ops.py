@@ -385,6 +385,18 @@ def _pv_tile(typingctx, p, po, ps, v, vo, vs, L, out, oo, os):
     return sig, codegen
 
 
+@njit(cache=True, inline="always")
+def _attend_one(qv, k_cache, v_cache, g, L, scale, sc, out):
+    """One query over keys 0..L-1 of KV head g: scores into sc (softmax weights after),
+    the weighted values into out.  attention()'s one-query path and attention_rows
+    both run it, so a decode row's numbers do not depend on which of them ran it."""
+    _score_row(qv, k_cache, g, L, scale, sc)
+    _softmax_causal(sc, L)
+    acc = np.empty(out.shape[0], np.float32)
+    _weighted_values(sc, v_cache, g, L, acc)
+    out[:] = acc
+
+
 @njit(cache=True, parallel=True)
 def _attention_blocks(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out):
     """Prefill attention, four queries per task (n % 4 == 0, no capture): same
@@ -501,14 +513,10 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
         g = h // group
         L = n_past + i + 1
         sc = np.empty(L, np.float32)
-        _score_row(q[i, h * hdk:(h + 1) * hdk], k_cache, g, L, scale, sc)
-        _softmax_causal(sc, L)
+        _attend_one(q[i, h * hdk:(h + 1) * hdk], k_cache, v_cache, g, L, scale, sc, out[i, h * hdv:(h + 1) * hdv])
         if do_capture:
             for t in range(L):
                 capture[h, i, t] = sc[t]
-        acc = np.empty(hdv, np.float32)
-        _weighted_values(sc, v_cache, g, L, acc)
-        out[i, h * hdv:(h + 1) * hdv] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -528,15 +536,10 @@ def attention_rows(q, k_all, v_all, slots, kv_row, pos, n_heads, n_kv_heads, sca
         i = task // n_heads
         h = task % n_heads
         g = h // group
-        kc = k_all[slots[i], kv_row]
-        vc = v_all[slots[i], kv_row]
         L = pos[i] + 1
         sc = np.empty(L, np.float32)
-        _score_row(q[i, h * hdk:(h + 1) * hdk], kc, g, L, scale, sc)
-        _softmax_causal(sc, L)
-        acc = np.empty(hdv, np.float32)
-        _weighted_values(sc, vc, g, L, acc)
-        out[i, h * hdv:(h + 1) * hdv] = acc
+        _attend_one(q[i, h * hdk:(h + 1) * hdk], k_all[slots[i], kv_row], v_all[slots[i], kv_row], g, L, scale, sc,
+                    out[i, h * hdv:(h + 1) * hdv])
 
 
 # error_model="numpy": with Python's (the default) every float division checks for

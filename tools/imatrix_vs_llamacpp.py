@@ -62,10 +62,10 @@ def main() -> int:
     if not f32.exists():
         rq.quantize_file(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", f32, "F32")
     text = d / "calib.txt"
-    text.write_text(WIKITEXT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    calib = WIKITEXT.read_text(encoding="utf-8")[:3000]
+    text.write_text(calib, encoding="utf-8")
     m = Model.load(f32, n_ctx=CTX, kv_type="f32", precision="exact")
-    r = ri.compute_imatrix(m, tokenize_for_perplexity(m, text.read_text(encoding="utf-8")), CTX, CHUNKS,
-                           datasets=[str(text)])
+    r = ri.compute_imatrix(m, tokenize_for_perplexity(m, calib), CTX, CHUNKS, datasets=[str(text)])
     ours = _sums(ri.write_imatrix(r, d / "ours.gguf"))
     theirs = {ub: _sums(_theirs(tools, f32, text, d, ub)) for ub in (512, 128, 32)}
     for a, b in ((128, 512), (32, 512), (32, 128)):
