@@ -361,11 +361,23 @@ def main(argv=None) -> int:
         from .threads import set_threads
 
         set_threads(args.threads)
-    if args.command in _COMPUTING and not _jit_cache_warm():
-        # numba compiles every kernel on the first run (then loads them from its
-        # cache in about a second): say so rather than sit silent for a minute.
-        print(f"compiling kernels for this CPU ({_cpu_name()}), first run only: about a minute on 2 cores ...",
-              file=sys.stderr, flush=True)
+    if args.command in _COMPUTING:
+        # numba compiles the engine on the first run and each format's kernels on
+        # the first use of that format (then loads them from its cache in about a
+        # second): say so rather than sit silent for half a minute.
+        first = not _jit_cache_warm()
+        if first:
+            print(f"compiling kernels for this CPU ({_cpu_name()}), first run only: about half a minute on 2 cores ...",
+                  file=sys.stderr, flush=True)
+        else:
+            from . import model, quant
+
+            def notice(type_ids):
+                names = ", ".join(quant.type_name(t) for t in type_ids)
+                print(f"compiling the {names} kernels for this CPU, once: about 10 s per format on 2 cores ...",
+                      file=sys.stderr, flush=True)
+
+            model.COMPILE_NOTICE = notice
     try:
         rc = args.func(args)
         return int(rc or 0)

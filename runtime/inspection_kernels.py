@@ -55,7 +55,6 @@ def forward_inspect(x, pos, w, cfg, kv, inv_freq, keep, keep_sub, resid, attn_ou
             resid[s] = x
 
 
-@njit(cache=True)
 def unembed_rows(h, norm, eps, type_id, wout, out):
     """out = rms_norm(h) @ W_out^T with float32 activations."""
     hn = np.empty_like(h)

@@ -1,7 +1,10 @@
 """LLaMA / Qwen2 / Qwen3 / Gemma 3 forward pass over memory-mapped quantized weights.
 
 Weights stay in the GGUF file's blocks (zero-copy uint8 views); every matmul goes
-through ``quant.matmul_q8`` / ``quant.matmul3_q8``, which decode blocks on the fly.
+through ``quant.matmul_q8_at`` / ``quant.matmul3_q8_at``, which decode blocks on the
+fly in the kernels of each matrix's format (their addresses are columns of
+``Weights.mats``, so this compiled code is the same for every format mix and a
+model compiles the kernels of its own formats only).
 Only norms and biases (tiny, F32) and the embedding rows of the tokens being
 evaluated are dequantized.
 
@@ -48,10 +51,11 @@ class Linear:
 
 class Weights(NamedTuple):
     """Every layer's weights.  Matrices stay in the mapped file: mats[l, slot] =
-    (byte offset, rows, row bytes, ggml type); per-layer vectors are rows of 2-D
-    arrays (zero columns where the model has none)."""
+    (byte offset, rows, row bytes, ggml type, then its format's kernel addresses:
+    quant.kernel_addresses, in columns KERNELS:); per-layer vectors are rows of
+    2-D arrays (zero columns where the model has none)."""
     blob: np.ndarray       # uint8 [file bytes], read-only memory map
-    mats: np.ndarray       # int64 [n_layers, 7, 4]
+    mats: np.ndarray       # int64 [n_layers, 7, 7]
     attn_norm: np.ndarray  # float32 [n_layers, d]
     ffn_norm: np.ndarray   # float32 [n_layers, d]
     bq: np.ndarray         # float32 [n_layers, n_heads * hd] (QKV biases, Qwen2)
@@ -90,43 +94,47 @@ class KVCache(NamedTuple):
 
 # Matrix slots of one layer in Weights.mats[layer, slot].
 WQ, WK, WV, WO, WG, WU, WD = range(7)
+KERNELS = 4  # first column of a matrix's kernel addresses in Weights.mats
 
 
 @njit(cache=True, inline="always")
-def _mat(blob, m):
-    """Zero-copy (rows, row_bytes) view of one weight matrix inside the mapped file."""
-    return blob[m[0]:m[0] + m[1] * m[2]].reshape((m[1], m[2]))
+def _mat(blob, m, rows=-1):
+    """Zero-copy (rows, row_bytes) view of one weight matrix inside the mapped file
+    (its first `rows` rows when rows >= 0: C order either way, as the kernels take)."""
+    r = m[1] if rows < 0 else rows
+    return blob[m[0]:m[0] + r * m[2]].reshape((r, m[2]))
 
 
 @njit(cache=True, inline="always")
 def _linear(x, w, m, exact):
     """x @ W^T for the matrix at m (float32 [n, rows]).  exact: float32 activations
-    (quant.matmul); else rounded to integers as llama.cpp does (quant.matmul_q8)."""
+    (quant.matmul_at); else rounded to integers as llama.cpp does (quant.matmul_q8_at)."""
     out = np.empty((x.shape[0], m[1]), np.float32)
     if exact is not None:
-        quant.matmul(m[3], _mat(w.blob, m), x, out)
+        quant.matmul_at(m[3], m[KERNELS:], _mat(w.blob, m), x, out)
     else:
-        quant.matmul_q8(m[3], _mat(w.blob, m), x, out)
+        quant.matmul_q8_at(m[3], m[KERNELS:], _mat(w.blob, m), x, out)
     return out
 
 
 @njit(cache=True, inline="always")
 def _linear3(w, m0, m1, m2, x, exact, use2=True):
     """Three projections of one x, its activations rounded once for all three
-    (quant.matmul3_q8); with use2 False only the first two."""
+    (quant.matmul3_q8_at); with use2 False only the first two."""
     n = x.shape[0]
     out0 = np.empty((n, m0[1]), np.float32)
     out1 = np.empty((n, m1[1]), np.float32)
     out2 = np.empty((n, m2[1] if use2 else 0), np.float32)
     w0, w1 = _mat(w.blob, m0), _mat(w.blob, m1)
-    w2 = _mat(w.blob, m2) if use2 else w1[:0]
+    w2 = _mat(w.blob, m2 if use2 else m1, 0 if not use2 else m2[1])
     if exact is not None:
-        quant.matmul(m0[3], w0, x, out0)
-        quant.matmul(m1[3], w1, x, out1)
+        quant.matmul_at(m0[3], m0[KERNELS:], w0, x, out0)
+        quant.matmul_at(m1[3], m1[KERNELS:], w1, x, out1)
         if use2:
-            quant.matmul(m2[3], w2, x, out2)
+            quant.matmul_at(m2[3], m2[KERNELS:], w2, x, out2)
     else:
-        quant.matmul3_q8(m0[3], w0, m1[3], w1, m2[3] if use2 else m1[3], w2, x, out0, out1, out2)
+        quant.matmul3_q8_at(m0[3], m0[KERNELS:], w0, m1[3], m1[KERNELS:], w1, m2[3], m2[KERNELS:], w2,
+                            x, out0, out1, out2)
     return out0, out1, out2
 
 
@@ -268,6 +276,21 @@ def forward_rows(x, pos, slots, w, cfg, kv, inv_freq):
         ops.add(x, ffn_block(x, w, l, cfg, None))
 
 
+# Called with the type ids whose kernels a model is about to compile (not cached
+# yet; the CLI sets it to say so on stderr).
+COMPILE_NOTICE = None
+
+_WEIGHTS = object()  # the weights' place in _compile_for's arguments
+
+
+def _compile_for(entry, args, w):
+    """Compile the jitted entry for these arguments (w in the place of _WEIGHTS)
+    without running it: numba picks the same specialisation for the call."""
+    import numba
+
+    entry.compile(tuple(numba.typeof(w if a is _WEIGHTS else a) for a in args))
+
+
 class Model:
     """A GGUF model ready to evaluate: weights mapped, config parsed, kernels shared."""
 
@@ -312,7 +335,7 @@ class Model:
         hv = a.n_kv_heads * a.head_dim_v
         bias = a.qkv_bias
         names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-        mats = np.zeros((a.n_layers, 7, 4), np.int64)
+        mats = np.zeros((a.n_layers, 7, KERNELS + 3), np.int64)
         rows: dict[str, list] = {k: [] for k in ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
                                                  "post_attn_norm", "post_ffn_norm")}
         post = a.family.post_norms
@@ -322,7 +345,7 @@ class Model:
             shapes = ((hq, d), (hkv, d), (hv, d), (d, a.n_heads * a.head_dim_v), (ffn, d), (ffn, d), (d, ffn))
             for j, (nm, (r, c)) in enumerate(zip(names, shapes)):
                 lin = linear(p + nm + ".weight", r, c)
-                mats[i, j] = (t[p + nm + ".weight"].offset, lin.w.shape[0], lin.w.shape[1], lin.type_id)
+                mats[i, j, :KERNELS] = (t[p + nm + ".weight"].offset, lin.w.shape[0], lin.w.shape[1], lin.type_id)
             rows["attn_norm"].append(vec(p + "attn_norm.weight", d))
             rows["ffn_norm"].append(vec(p + "ffn_norm.weight", d))
             for b, size in (("bq", hq), ("bk", hkv), ("bv", hv)):
@@ -335,7 +358,8 @@ class Model:
         def stack(vs):
             return np.ascontiguousarray(np.stack(vs), np.float32)
 
-        self.weights = Weights(blob=gguf.blob(), mats=mats, **{k: stack(v) for k, v in rows.items()})
+        self._weights = Weights(blob=gguf.blob(), mats=mats, **{k: stack(v) for k, v in rows.items()})
+        self._linked = False
         # Sliding-window layers (arch.HParams.swa_layers) rotate with their own base
         # (Gemma 3: 10000 and no RoPE scaling, llama.cpp's rope_freq_*_train_swa) and
         # keep their cache in KVCache.k_swa; the others in KVCache.k, in layer order.
@@ -417,6 +441,35 @@ class Model:
         return self.tokenizer.detokenize(*a, **kw)
 
     # -- evaluation ----------------------------------------------------------
+    @property
+    def weights(self) -> Weights:
+        """The layers' weights for the compiled forward pass, each matrix's kernel
+        addresses filled in: the first use compiles (or loads from numba's cache)
+        the kernels of the formats this model holds, and those only."""
+        return self.linked_weights()
+
+    def linked_weights(self, compile_entry=None) -> Weights:
+        """weights; on first use, with compile_entry(unlinked weights) compiling the
+        forward entry about to run while another process compiles the formats'
+        kernels (when numba's cache has neither: a fresh install)."""
+        if not self._linked:
+            mats = self._weights.mats
+            types_ = [int(t) for t in np.unique(mats[:, :, 3])]
+            if self.output.type_id not in types_:
+                types_.append(self.output.type_id)
+            todo = quant.uncompiled(types_)
+            if todo and COMPILE_NOTICE is not None:
+                COMPILE_NOTICE(todo)
+            helper = quant.compile_in_background(todo) if compile_entry else None
+            if compile_entry is not None:
+                compile_entry(self._weights)  # its addresses are data: not needed to compile it
+            if helper is not None:
+                helper.wait()
+            for t in types_:  # the output's too (Python calls it): compiled by the helper, loaded here
+                mats[mats[:, :, 3] == t, KERNELS:] = quant.kernel_addresses(t)
+            self._linked = True
+        return self._weights
+
     def session(self, n_ctx: int | None = None, swa_full: bool = False, precision: str | None = None) -> "Session":
         return Session(self, n_ctx or self.n_ctx, swa_full=swa_full, precision=precision)
 
@@ -631,8 +684,9 @@ class Session:
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index,
-                           exact)
+            args = (x, pos, self.n_past, _WEIGHTS, m.config, self.kv, m.inv_freq, cap_all, cap_index, exact)
+            w = m.linked_weights(lambda w: _compile_for(forward_layers, args, w))
+            forward_layers(x, pos, self.n_past, w, m.config, self.kv, m.inv_freq, cap_all, cap_index, exact)
             self.n_past += x.shape[0]
             self._written = max(self._written, self.n_past)
             self._last_h = x[-1:].copy()

@@ -14,14 +14,15 @@ them in compiled code:
   half; only a signalling NaN comes out quieted, which _dec_f16 undoes for F16
   data and which cannot matter for a scale (its products are NaN either way).
 * ``matmul(type_id, W, X, out)`` - ``out = X @ dequant(W).T`` computed from the
-  blocks, never materialising the dequantized matrix.  An ``@njit(parallel=True)``
-  function (parallel over weight rows) with the format chosen at run time by
-  ``type_id``, so the engine's own njit code can call it.  For one activation
-  row (decode) it runs fused per-format row dots: each block's integers are
-  dotted with x in float32 and the block scale applied once.  For n > 1 rows
-  (batched prefill) each 256-weight chunk of a weight row is decoded once into
-  a thread-local buffer (by the same exact decoders) and dotted with all n rows.
-  Either way: float32 within a block / chunk, float64 across the row.
+  blocks, never materialising the dequantized matrix, by the format's own
+  parallel kernels (``kernels(type_id)``: compiled for that format alone, on its
+  first use; the engine's compiled code reaches them by address, ``matmul_at``).
+  For one activation row (decode) it runs fused per-format row dots: each
+  block's integers are dotted with x in float32 and the block scale applied
+  once.  For n > 1 rows (batched prefill) each 256-weight chunk of a weight row
+  is decoded once into a thread-local buffer (by the same exact decoders) and
+  dotted with all n rows.  Either way: float32 within a block / chunk, float64
+  across the row.
 * ``matvec`` / ``dot`` - the same kernel for one activation vector / one row.
 * ``matmul_q8(type_id, W, X, out)`` - the engine's variant, trading exact float
   activations for integer arithmetic as llama.cpp does: one row (decode) is
@@ -35,10 +36,13 @@ block; all multi-byte fields little-endian; ``f16`` = IEEE half).
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import llvmlite.ir as llir
 import numpy as np
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 __all__ = [
@@ -703,10 +707,13 @@ _dec_iq4_xs = _ir_decoder(136, 256, _iq4_xs_body)
 
 
 # ---------------------------------------------------------------------------
-# Dispatch on the type id, in compiled code
+# Dispatch on the type id, in compiled code.  These chains are inlined
+# ("always") into each format's own kernels (kernels() below), where type_id is
+# a constant: numba then drops every other format's branch before it compiles
+# anything, so a format's kernels hold that format's code only.
 # ---------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _block_size_nb(type_id):
     if type_id == GGML_F32 or type_id == GGML_F16 or type_id == GGML_BF16:
         return 1
@@ -716,7 +723,7 @@ def _block_size_nb(type_id):
     return 32
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _decode(type_id, src, b0, nb, dst, doff):
     """Decode blocks b0..b0+nb-1 of src into dst[doff:]; False for an unknown type."""
     if type_id == GGML_Q4_0:
@@ -754,8 +761,8 @@ def _decode(type_id, src, b0, nb, dst, doff):
     return True
 
 
-@njit(parallel=True, cache=True)
-def _dequantize_kernel(type_id, src, n_blocks, dst):
+@njit(cache=True, inline="always")
+def _dequantize_body(type_id, src, n_blocks, dst):
     bs = _block_size_nb(type_id)
     per_task = max(1, 16384 // bs)  # blocks per parallel task
     n_tasks = (n_blocks + per_task - 1) // per_task
@@ -1099,7 +1106,7 @@ def _rdot_bf16(w, x, xsum, nb):
     return acc
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_dot(type_id, w, x, xsum, nb):
     """dequant(w) . x for one row of nb blocks; NaN for an unknown type.
 
@@ -1652,7 +1659,7 @@ _qdot_q5_k = _kdot_intrinsic(_k4_unpack(True), _q4_k_dot)  # same dot: 5-bit q, 
 _qdot_q6_k = _kdot_intrinsic(_q6_k_unpack, _q6_k_dot)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _has_q8_dot(type_id):
     return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
             or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
@@ -1684,7 +1691,7 @@ def _rows_dot_q8(type_id, W, i0, i1, a32, ak, nb, out):
             _qdot_iq4_nl(W, i0, i1, xq, xd, xs16, nb, out)
         elif type_id == GGML_Q5_1:
             _qdot_q5_1(W, i0, i1, xq, xd, xsd, nb, out)  # minimums take Q8_1's s
-        else:
+        elif type_id == GGML_Q4_1:
             _qdot_q4_1(W, i0, i1, xq, xd, xsd, nb, out)
 
 
@@ -1798,45 +1805,6 @@ FUSED_MAX_N = 1
 
 
 @njit(cache=True)
-def matmul(type_id, W, X, out):
-    """out[r, i] = sum_c dequant(W)[i, c] * X[r, c]  (out = X @ W_deq.T).
-
-    W: uint8 (rows, row_nbytes) of `type_id` blocks, C order (read-only, as
-    GGUFFile.raw gives it, to share one compiled specialisation); X: float32
-    (n, cols), C order; out: float32 (n, rows).  Parallel over weight rows.
-    For n <= FUSED_MAX_N every product is a fused row dot straight from the
-    blocks; for larger n (batched prefill) each 256-weight chunk of a row is
-    decoded once into a thread-local buffer and dotted with all n rows of X.
-    Nothing is validated here (the Python wrappers do): an unknown type id
-    leaves `out` untouched, so callers check is_supported first.
-    """
-    # Two separate parallel kernels, not one loop body with both paths: with the
-    # chunked path's buffers in the same parallel region the decode matvecs ran
-    # at half speed on two threads (measured, tools/PERF.md).
-    if X.shape[0] <= FUSED_MAX_N:
-        _matmul_fused(type_id, W, X, out, False)
-    else:
-        _matmul_chunked(type_id, W, X, out)
-
-
-@njit(cache=True)
-def matmul_q8(type_id, W, X, out):
-    """matmul, but products of up to Q8_MAX_ROWS rows (decode, one row per sequence)
-    use 8-bit activations where the format has an integer kernel (Q4_0, Q4_1, Q5_0,
-    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), as llama.cpp does: each row rounded and summed exactly
-    as it would be alone, each weight block unpacked once for all of them.  Formats
-    without one also take every row of such a product through the one-row kernel,
-    so that a row's result never depends on how many rows share the step (the
-    server's batch invariance); they decode each block once per row there."""
-    if X.shape[0] <= max(FUSED_MAX_N, Q8_MAX_ROWS):
-        _matmul_fused(type_id, W, X, out, True)
-    elif _has_i16(type_id) and X.shape[0] >= I16_MIN_N:
-        _matmul3_i16(type_id, W, type_id, W[:0], type_id, W[:0], X, out, out[:0], out[:0])
-    else:
-        _matmul_chunked(type_id, W, X, out)
-
-
-@njit(cache=True)
 def _activation_q8(X, cols, bs):
     """Each row of X[:, :cols] as int8 blocks of bs for _rows_dot_q8: (xq [n, cols],
     xd [n, cols/bs], xs16 [n, cols/16]), every row rounded on its own (as a one-row
@@ -1880,8 +1848,8 @@ def _shares(n_tasks, n):
     return bounds
 
 
-@njit(parallel=True, cache=True)
-def _matmul_fused(type_id, W, X, out, act_q8):
+@njit(cache=True, inline="always")
+def _fused_body(type_id, W, X, out, act_q8):
     rows = W.shape[0]
     n = X.shape[0]
     cols = X.shape[1]
@@ -1903,24 +1871,8 @@ def _matmul_fused(type_id, W, X, out, act_q8):
                 out[r, i] = _row_dot(type_id, w, X[r], xsum[r], nb)
 
 
-@njit(cache=True)
-def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
-    """matmul_q8 of one X by three matrices (Q, K, V; or gate and up with W2 of zero
-    rows).  Batches through the int16 tiles round X once and share one parallel
-    region.  A single row takes three launches: one loop over the rows of all three
-    matrices ran 1.4-2.3x slower per row, even on one thread (SmolLM2 gate + up
-    82 us vs 2 x 19 us), and a launch costs about 1 us."""
-    if _has_i16(t0) and _has_i16(t1) and _has_i16(t2) and X.shape[0] >= I16_MIN_N:
-        _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2)
-    else:
-        matmul_q8(t0, W0, X, out0)
-        matmul_q8(t1, W1, X, out1)
-        if W2.shape[0] > 0:
-            matmul_q8(t2, W2, X, out2)
-
-
-@njit(parallel=True, cache=True)
-def _matmul_chunked(type_id, W, X, out):
+@njit(cache=True, inline="always")
+def _chunked_body(type_id, W, X, out):
     rows = W.shape[0]
     n = X.shape[0]
     cols = X.shape[1]
@@ -2092,6 +2044,10 @@ _i16_tile = _i16_tile_intrinsic(_I16_T)
 _min_tile = _min_tile_intrinsic(_I16_T)
 
 
+_I16_TYPES = frozenset({GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0, GGML_Q4_K,
+                        GGML_Q5_K, GGML_Q6_K, GGML_IQ4_NL, GGML_IQ4_XS})  # _has_i16, for Python
+
+
 @njit(cache=True, inline="always")
 def _has_i16(type_id):
     return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
@@ -2237,7 +2193,7 @@ def _tile_transpose(typingctx, tmp, wb, P):
     return sig, codegen
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
     """Columns c0..c0+m-1 (c0 a multiple of 256) of weight row w into tmp[256a:]
     as int16 with sub-block scales folded in; dsc[s, a] = float scale of the s-th
@@ -2299,7 +2255,7 @@ def _has_min(type_id):
     return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1 or type_id == GGML_Q5_1
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always")
 def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc):
     """acc[:n_pad, :k] = xq-rounded X @ dequant(W[i0:i0+k]).T: one tile of k <= 16 rows."""
     cols = xq.shape[1]
@@ -2328,10 +2284,10 @@ def _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
-    """out_j = X @ dequant(W_j).T for j = 0..2 through int16 tiles (see above), X
-    rounded once and the tiles of all three matrices shared out in one parallel
-    region (Q, K and V; gate and up with W2 of zero rows).  X has n > 1 rows."""
+def quantize_x16_rows(X):
+    """X [n, cols] rounded for the int16 tiles (quantize_x16 per row), padded with zero
+    rows to a multiple of the tile's _I16_T rows: (xq, xd, xs).  Once per X, however
+    many matrices then multiply it (Q, K and V; gate and up)."""
     n = X.shape[0]
     cols = X.shape[1]
     n_pad = (n + _I16_T - 1) // _I16_T * _I16_T
@@ -2340,10 +2296,17 @@ def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
     xs = np.zeros((n_pad, cols // 16), np.float32)
     for r in prange(n):
         quantize_x16(X[r], xq[r], xd[r], xs[r])
+    return xq, xd, xs
+
+
+@njit(cache=True, inline="always")
+def _i16_body(type_id, W, xq, xd, xs, out):
+    """out = X @ dequant(W).T through int16 tiles (see above), X as quantize_x16_rows
+    gave it (out has X's n rows); 16-row tiles shared out over the threads."""
+    n = out.shape[0]
+    n_pad = xq.shape[0]
     R = _I16_ROWS
-    n0 = (W0.shape[0] + R - 1) // R
-    n1 = (W1.shape[0] + R - 1) // R
-    n_tiles = n0 + n1 + (W2.shape[0] + R - 1) // R
+    n_tiles = (W.shape[0] + R - 1) // R
     n_tasks = min(n_tiles, _N_TASKS)
     bounds = _shares(n_tasks, n_tiles)
     for task in prange(n_tasks):
@@ -2353,21 +2316,268 @@ def _matmul3_i16(t0, W0, t1, W1, t2, W2, X, out0, out1, out2):
         mn = np.zeros((16, R), np.float32)
         acc = np.empty((n_pad, R), np.float32)
         for tile in range(bounds[task], bounds[task + 1]):
-            if tile < n0:
-                i0 = tile * R
-                k = min(R, W0.shape[0] - i0)
-                _i16_tile_rows(t0, W0, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
-                out0[:, i0:i0 + k] = acc[:n, :k]
-            elif tile < n0 + n1:
-                i0 = (tile - n0) * R
-                k = min(R, W1.shape[0] - i0)
-                _i16_tile_rows(t1, W1, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
-                out1[:, i0:i0 + k] = acc[:n, :k]
-            else:
-                i0 = (tile - n0 - n1) * R
-                k = min(R, W2.shape[0] - i0)
-                _i16_tile_rows(t2, W2, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
-                out2[:, i0:i0 + k] = acc[:n, :k]
+            i0 = tile * R
+            k = min(R, W.shape[0] - i0)
+            _i16_tile_rows(type_id, W, i0, k, xq, xd, xs, n_pad, tmp, wb, dsc, mn, acc)
+            out[:, i0:i0 + k] = acc[:n, :k]
+
+
+# ---------------------------------------------------------------------------
+# Each format's own compiled kernels.  kernels(T) builds them for one type id
+# T: closures over the constant T around the format-generic bodies above, so
+# that numba compiles T's branch of every dispatch chain and nothing else (a
+# model in Q4_1 never compiles the k-quants).  numba caches each closure under
+# its captured T.
+#
+# The engine's compiled forward pass calls them through their addresses (the
+# KERNEL_* columns of a matrix's entry, see kernel_addresses), not by name: a
+# call by name would link every format's code into the forward pass and compile
+# it there again, once per entry.  So the forward pass compiles once, whatever
+# the formats, and a format's kernels compile when a model first uses them.
+# Their signatures are fixed (SIG_*) and checked where the calls are typed.
+# ---------------------------------------------------------------------------
+
+class Kernels(NamedTuple):
+    dequantize: object   # (type_id, src, n_blocks, dst): n_blocks blocks to float32
+    fused: object        # (type_id, W, X, out, act_q8): one fused row dot per output
+    chunked: object      # (type_id, W, X, out): each weight chunk decoded once for all rows
+    i16: object          # (type_id, W, xq, xd, xs, out): int16 tiles (quantize_x16_rows)
+
+
+@functools.cache
+def kernels(type_id: int) -> Kernels:
+    """The compiled kernels of one format (built on first use, compiled on first call).
+    Every kernel takes the type id first (unused: it is T) so that all formats'
+    kernels have one signature."""
+    T = int(type_id)
+    _traits(T)
+
+    @njit(parallel=True, cache=True)
+    def dequantize(type_id, src, n_blocks, dst):
+        _dequantize_body(T, src, n_blocks, dst)
+
+    @njit(parallel=True, cache=True)
+    def fused(type_id, W, X, out, act_q8):
+        _fused_body(T, W, X, out, act_q8)
+
+    @njit(parallel=True, cache=True)
+    def chunked(type_id, W, X, out):
+        _chunked_body(T, W, X, out)
+
+    @njit(parallel=True, cache=True, fastmath=_FM)
+    def i16(type_id, W, xq, xd, xs, out):
+        _i16_body(T, W, xq, xd, xs, out)
+
+    return Kernels(dequantize, fused, chunked, i16 if T in _I16_TYPES else None)
+
+
+_W2 = types.Array(types.uint8, 2, "C", readonly=True)  # weight rows in the mapped file
+_F2 = types.Array(types.float32, 2, "C")
+SIG_FUSED = types.void(types.int64, _W2, _F2, _F2, types.boolean)
+SIG_CHUNKED = types.void(types.int64, _W2, _F2, _F2)
+SIG_I16 = types.void(types.int64, _W2, types.Array(types.int16, 2, "C"), _F2, _F2, _F2)
+
+# Columns of kernel_addresses (and of the engine's per-matrix kernel table).
+KERNEL_FUSED, KERNEL_CHUNKED, KERNEL_I16 = range(3)
+
+
+def _address(kernel, sig) -> int:
+    """Entry address of kernel compiled for sig (numba's C-callable wrapper of it)."""
+    kernel.compile(sig)
+    cres = kernel.overloads[sig.args]
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name)
+
+
+@functools.cache
+def kernel_addresses(type_id: int) -> tuple[int, int, int]:
+    """(fused, chunked, i16) entry addresses of one format's kernels, compiling them
+    (or loading them from numba's cache) on first use; i16 is 0 for a format
+    without int16 tiles.  The kernels stay alive in kernels()'s cache."""
+    k = kernels(type_id)
+    return (_address(k.fused, SIG_FUSED), _address(k.chunked, SIG_CHUNKED),
+            _address(k.i16, SIG_I16) if k.i16 is not None else 0)
+
+
+def _cached(kernel, sig) -> bool:
+    """Whether numba's disk cache already holds kernel compiled for sig (so that
+    kernel_addresses would load it, not compile it)."""
+    try:
+        return sig.args in kernel.overloads or kernel._cache.load_overload(sig, kernel.targetctx) is not None
+    except Exception:  # numba internals moved: say "not cached", which only costs time
+        return False
+
+
+def uncompiled(type_ids) -> list[int]:
+    """The formats among type_ids whose kernel_addresses are not in numba's cache yet."""
+    out = []
+    for t in sorted({int(t) for t in type_ids}):
+        k = kernels(t)
+        pairs = [(k.fused, SIG_FUSED), (k.chunked, SIG_CHUNKED)] + ([(k.i16, SIG_I16)] if k.i16 else [])
+        if not all(_cached(f, sig) for f, sig in pairs):
+            out.append(t)
+    return out
+
+
+def compile_in_background(type_ids):
+    """Start a process that compiles these formats' kernels into numba's cache (the
+    same directory as ours) and return it (a subprocess.Popen), or None on a
+    one-core machine.  numba compiles on one thread; with this, the kernels
+    compile while this process compiles the forward pass that calls them."""
+    import os
+    import subprocess
+    import sys
+
+    import numba.core.config
+
+    if not type_ids or (os.cpu_count() or 1) < 2:
+        return None
+    code = f"from runtime import quant; [quant.kernel_addresses(t) for t in {sorted(int(t) for t in type_ids)}]"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba.core.config.CACHE_DIR))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def _pointer_call(sig):
+    """An intrinsic f(address, *args) that calls the kernel compiled for sig at that
+    address.  The arguments must have sig's types exactly (a mismatch is a typing
+    error here, never a wrong call at run time)."""
+
+    def typer(addr, args):
+        got = tuple(types.unliteral(a) for a in args)
+        if got != sig.args:
+            raise errors.TypingError(f"kernel call with {got}, the kernel takes {sig.args}")
+        return types.void(types.int64, *sig.args)
+
+    def codegen(context, builder, signature, args):
+        fnty = llir.FunctionType(context.get_value_type(sig.return_type),
+                                 [context.get_value_type(t) for t in sig.args])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return typer, codegen
+
+
+_fused_typer, _fused_codegen = _pointer_call(SIG_FUSED)
+_chunked_typer, _chunked_codegen = _pointer_call(SIG_CHUNKED)
+_i16_typer, _i16_codegen = _pointer_call(SIG_I16)
+
+
+@intrinsic
+def _call_fused(typingctx, addr, type_id, W, X, out, act_q8):
+    return _fused_typer(addr, (type_id, W, X, out, act_q8)), _fused_codegen
+
+
+@intrinsic
+def _call_chunked(typingctx, addr, type_id, W, X, out):
+    return _chunked_typer(addr, (type_id, W, X, out)), _chunked_codegen
+
+
+@intrinsic
+def _call_i16(typingctx, addr, type_id, W, xq, xd, xs, out):
+    return _i16_typer(addr, (type_id, W, xq, xd, xs, out)), _i16_codegen
+
+
+# ---------------------------------------------------------------------------
+# matmul: out = X @ dequant(W).T, from the engine's compiled code (the *_at
+# forms, given the matrix's type id and kernel addresses k = kernel_addresses)
+# and from Python (any supported type id).  W: uint8 (rows, row_nbytes) of
+# type_id blocks, C order, read-only (as GGUFFile.raw gives it); X: float32
+# (n, cols), C order; out: float32 (n, rows).  Nothing is validated here (the
+# Python wrappers below do).
+#
+# matmul keeps float32 activations: for n <= FUSED_MAX_N every product is a
+# fused row dot straight from the blocks; for larger n (batched prefill) each
+# 256-weight chunk of a row is decoded once into a thread-local buffer and
+# dotted with all n rows.  matmul_q8 rounds them as llama.cpp does: products of
+# up to Q8_MAX_ROWS rows (decode, one row per sequence) use 8-bit activations
+# where the format has an integer kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+# Q5_K, Q6_K, IQ4_NL, IQ4_XS), each row rounded and summed exactly as it would
+# be alone, each weight block unpacked once for all of them.  Formats without
+# one also take every row of such a product through the one-row kernel, so
+# that a row's result never depends on how many rows share the step (the
+# server's batch invariance).  Batches of I16_MIN_N rows or more go through the
+# int16 tiles.  Two separate parallel kernels, not one loop body with both
+# paths: with the chunked path's buffers in the same parallel region the decode
+# matvecs ran at half speed on two threads (measured, tools/PERF.md).
+# ---------------------------------------------------------------------------
+
+@njit(cache=True)
+def matmul_at(type_id, k, W, X, out):
+    if X.shape[0] <= FUSED_MAX_N:
+        _call_fused(k[KERNEL_FUSED], type_id, W, X, out, False)
+    else:
+        _call_chunked(k[KERNEL_CHUNKED], type_id, W, X, out)
+
+
+@njit(cache=True)
+def matmul_q8_at(type_id, k, W, X, out):
+    n = X.shape[0]
+    if n <= max(FUSED_MAX_N, Q8_MAX_ROWS):
+        _call_fused(k[KERNEL_FUSED], type_id, W, X, out, True)
+    elif _has_i16(type_id) and n >= I16_MIN_N:
+        xq, xd, xs = quantize_x16_rows(X)
+        _call_i16(k[KERNEL_I16], type_id, W, xq, xd, xs, out)
+    else:
+        _call_chunked(k[KERNEL_CHUNKED], type_id, W, X, out)
+
+
+@njit(cache=True)
+def matmul3_q8_at(t0, k0, W0, t1, k1, W1, t2, k2, W2, X, out0, out1, out2):
+    """matmul_q8 of one X by three matrices (Q, K, V; or gate and up with W2 of zero
+    rows): batches through the int16 tiles round X once for all three.  A single
+    row takes three launches: one loop over the rows of all three matrices ran
+    1.4-2.3x slower per row, even on one thread (SmolLM2 gate + up 82 us vs
+    2 x 19 us), and a launch costs about 1 us."""
+    if _has_i16(t0) and _has_i16(t1) and _has_i16(t2) and X.shape[0] >= I16_MIN_N:
+        xq, xd, xs = quantize_x16_rows(X)
+        _call_i16(k0[KERNEL_I16], t0, W0, xq, xd, xs, out0)
+        _call_i16(k1[KERNEL_I16], t1, W1, xq, xd, xs, out1)
+        if W2.shape[0] > 0:
+            _call_i16(k2[KERNEL_I16], t2, W2, xq, xd, xs, out2)
+    else:
+        matmul_q8_at(t0, k0, W0, X, out0)
+        matmul_q8_at(t1, k1, W1, X, out1)
+        if W2.shape[0] > 0:
+            matmul_q8_at(t2, k2, W2, X, out2)
+
+
+def matmul(type_id: int, W: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
+    """out = X @ dequant(W).T with float32 activations (see above; unchecked)."""
+    k = kernels(type_id)
+    if X.shape[0] <= FUSED_MAX_N:
+        k.fused(type_id, W, X, out, False)
+    else:
+        k.chunked(type_id, W, X, out)
+
+
+def matmul_q8(type_id: int, W: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
+    """out = X @ dequant(W).T with integer activations as llama.cpp (see above; unchecked)."""
+    k = kernels(type_id)
+    n = X.shape[0]
+    if n <= max(FUSED_MAX_N, Q8_MAX_ROWS):
+        k.fused(type_id, W, X, out, True)
+    elif k.i16 is not None and n >= I16_MIN_N:
+        k.i16(type_id, W, *quantize_x16_rows(X), out)
+    else:
+        k.chunked(type_id, W, X, out)
+
+
+def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2) -> None:
+    """matmul3_q8_at from Python."""
+    if all(int(t) in _I16_TYPES for t in (t0, t1, t2)) and X.shape[0] >= I16_MIN_N:
+        xq, xd, xs = quantize_x16_rows(X)
+        for t, W, out in ((t0, W0, out0), (t1, W1, out1), (t2, W2, out2)):
+            if W.shape[0] > 0:
+                kernels(t).i16(t, W, xq, xd, xs, out)
+    else:
+        for t, W, out in ((t0, W0, out0), (t1, W1, out1), (t2, W2, out2)):
+            if W.shape[0] > 0:
+                matmul_q8(t, W, X, out)
 
 
 # ---------------------------------------------------------------------------
@@ -2401,7 +2611,7 @@ def dequantize(raw: np.ndarray, type_id: int, shape) -> np.ndarray:
         raise ValueError(f"{name}: {src.size} bytes given, {n_blocks * ts} needed for shape {shape}")
     out = np.empty(n, np.float32)
     if n_blocks:
-        _dequantize_kernel(int(type_id), src, n_blocks, out)
+        kernels(type_id).dequantize(int(type_id), src, n_blocks, out)
     return out.reshape(shape)
 
 

@@ -117,7 +117,7 @@ def test_ray_kl_table_equals_local(ray_cluster, smollm2_path, smol, tokens):
 
     base = Model.load(smollm2_path, n_ctx=N_CTX, precision="exact")
     local = perplexity_of_tokens(smol, tokens, n_ctx=N_CTX, n_chunks=N_CHUNKS, base=base, base_name="b")
-    assert local.kl.kl_mean > 0 and local.kl.top1 < 1
+    assert local.kl.kl_mean > 0 and local.kl.top1 > 0.8  # 1.9e-6 and 1.0 on AVX-512 Zen 4
     with _scorer(smollm2_path, smollm2_path, base_precision="exact") as sc:
         dist = perplexity_of_tokens(smol, tokens, n_ctx=N_CTX, n_chunks=N_CHUNKS, base=base, base_name="b",
                                     scorer=sc)

@@ -91,3 +91,51 @@ def test_first_run_says_it_is_compiling(tmp_path):
     (tagged / "some" / "dir").mkdir(parents=True, exist_ok=True)
     (tagged / "some" / "dir" / "model.forward_layers-300.py311.nbi").write_bytes(b"")
     assert "compiling kernels" not in run()
+
+
+def test_a_format_compiles_only_its_own_code(tmp_path):
+    """kernels(T) are closures over the constant T: compiling Q4_0's fused kernel
+    (empty cache) compiles Q4_0's row dot and no other format's."""
+    code = """
+import sys
+from numba.core import event
+names = []
+class L(event.Listener):
+    def on_start(self, ev):
+        names.append(ev.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", L())
+from runtime import quant
+quant.kernels(quant.GGML_Q4_0).fused.compile(quant.SIG_FUSED)
+print(" ".join(names))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.split()
+    dots = {n for n in names if n.startswith("_rdot_")}
+    assert dots == {"_rdot_q4_0"}, names
+
+
+def test_compile_notice_names_the_new_formats(tmp_path, monkeypatch):
+    """A model whose formats' kernels are not cached yet says which it compiles
+    (the CLI prints it); the kernel columns of its matrices are filled in."""
+    from runtime import model as model_mod
+    from runtime import quant
+
+    from runtime.model import Model
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_synthetic import write_synthetic
+
+    path = write_synthetic(tmp_path / "m.gguf", n_layers=1, d_model=256, n_heads=8, ffn=512, vocab=512)
+    m = Model.load(path, n_ctx=64)
+    seen = []
+    monkeypatch.setattr(model_mod, "COMPILE_NOTICE", seen.append)
+    monkeypatch.setattr(quant, "uncompiled", lambda ts: sorted(set(ts)))
+    w = m.weights
+    types_ = sorted({int(t) for t in w.mats[:, :, 3].ravel()} | {m.output.type_id})
+    assert seen == [types_]
+    assert (w.mats[:, :, model_mod.KERNELS] != 0).all()

@@ -628,7 +628,10 @@ def test_cli_kl_divergence_base_file(smollm2_path, wikitext, tmp_path, capsys):
     k = json.loads(out)["kl"]
     assert k["source"] == "file" and k["count"] == 2 * 31
     assert k["base_ppl"] == pytest.approx(d["ppl"], rel=2e-4)   # the exact run's own PPL, from 16 bits
-    assert 1e-6 < k["kl_mean"] < 0.05 and k["top1"] > 0.8
+    # fast vs exact differ by the activations' rounding only: int16 prefill keeps 14 bits,
+    # so KL is 1e-6-scale (3.6e-6 on 64 tokens, AVX-512 Zen 4), below what the file's
+    # 16-bit log-probs resolve (it read -5.7e-7 there): a bound, not a sign
+    assert -1e-5 < k["kl_mean"] < 0.05 and k["top1"] > 0.8
     # text output: llama-perplexity's table
     rc, out, err = _main(capsys, smollm2_path, "--kl-divergence-base", kld, "--kl-divergence", "--chunks", "1")
     assert rc == 0, err

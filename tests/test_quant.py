@@ -303,7 +303,7 @@ def test_matmul_q8_prefill_path(tid):
         if X.shape[0] >= quant.I16_MIN_N:
             quant.matmul_q8(tid, W, X, out)
         else:
-            quant._matmul3_i16(tid, W, tid, W[:0], tid, W[:0], X, out, out[:0], out[:0])
+            quant.kernels(tid).i16(tid, W, *quant.quantize_x16_rows(X), out)
 
     for n in (2, 9, 17, quant.I16_MIN_N + 9):
         # integers with |q| <= 16383, one +-16383 per 256-value chunk, times 2^-14
@@ -403,22 +403,51 @@ def test_fused_kernels_on_real_weights(real_models):
 
 
 def test_matmul_callable_from_other_njit_code():
-    """The engine calls quant.matmul from its own compiled functions."""
+    """The engine's compiled forward pass calls a format's kernels through their
+    addresses (quant.matmul_at / matmul_q8_at): every path (fused row dots, decoded
+    chunks, int16 tiles) gives what the Python entry gives for the same input."""
     from numba import njit
 
     @njit
-    def project(W, X, out):
-        quant.matmul(quant.GGML_Q4_0, W, X, out)
+    def project(t, k, W, X, out, exact):
+        if exact:
+            quant.matmul_at(t, k, W, X, out)
+        else:
+            quant.matmul_q8_at(t, k, W, X, out)
         return out.sum()
 
     rng = np.random.default_rng(7)
-    W = quant._as_u8_readonly(_random_raw(quant.GGML_Q4_0, 9, 2, rng, _finite_scales(rng)), 2)
-    X = rng.standard_normal((2, 64)).astype(np.float32)
-    out = np.zeros((2, 9), np.float32)
-    total = project(W, X, out)
-    ref = X.astype(np.float64) @ _ref(W, quant.GGML_Q4_0).astype(np.float64).T
-    assert _rel_err(out, ref) < 1e-5
-    assert abs(total - out.sum()) < 1e-3
+    for t in (quant.GGML_Q4_0, quant.GGML_Q4_K):
+        cols = 256
+        W = quant._as_u8_readonly(_random_raw(t, 9, cols // quant.block_size(t), rng, _finite_scales(rng)), 2)
+        k = np.array(quant.kernel_addresses(t), np.int64)
+        for n in (1, 2, quant.I16_MIN_N + 1):
+            X = rng.standard_normal((n, cols)).astype(np.float32)
+            for exact in (True, False):
+                out = np.zeros((n, 9), np.float32)
+                want = np.zeros((n, 9), np.float32)
+                project(t, k, W, X, out, exact)
+                (quant.matmul if exact else quant.matmul_q8)(t, W, X, want)
+                np.testing.assert_array_equal(out, want)
+                if exact:
+                    ref = X.astype(np.float64) @ _ref(W, t).astype(np.float64).T
+                    assert _rel_err(out, ref) < 1e-5
+
+
+def test_kernel_call_checks_its_types():
+    """A call through a kernel's address with other argument types than the kernel
+    was compiled for is a typing error, not a wrong call."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    @njit
+    def wrong(k, W, X, out):
+        quant._call_fused(k[0], quant.GGML_Q4_0, W, X, out, True)
+
+    W = np.zeros((2, 18), np.uint8)
+    W.flags.writeable = False
+    with pytest.raises(TypingError, match="the kernel takes"):
+        wrong(np.zeros(3, np.int64), W, np.zeros((1, 32), np.float64), np.zeros((1, 2), np.float32))
 
 
 def test_traits():
