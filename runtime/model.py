@@ -448,6 +448,11 @@ class Model:
         the kernels of the formats this model holds, and those only."""
         return self.linked_weights()
 
+    @property
+    def linked(self) -> bool:
+        """Whether the matrices' kernel addresses are filled in (weights was used)."""
+        return self._linked
+
     def linked_weights(self, compile_entry=None) -> Weights:
         """weights; on first use, with compile_entry(unlinked weights) compiling the
         forward entry about to run while another process compiles the formats'
@@ -458,12 +463,14 @@ class Model:
             if self.output.type_id not in types_:
                 types_.append(self.output.type_id)
             todo = quant.uncompiled(types_)
+            deq = [self.embed.type_id] if compile_entry and not quant.dequantize_cached(self.embed.type_id) else []
             if todo and COMPILE_NOTICE is not None:
                 COMPILE_NOTICE(todo)
-            helper = quant.compile_in_background(todo) if compile_entry else None
+            helper = quant.compile_in_background(todo, deq) if compile_entry else None
             if compile_entry is not None:
                 compile_entry(self._weights)  # its addresses are data: not needed to compile it
             if helper is not None:
+                quant.compile_kernels(todo, deq, reverse=True)  # what the helper has not reached yet
                 helper.wait()
             for t in types_:  # the output's too (Python calls it): compiled by the helper, loaded here
                 mats[mats[:, :, 3] == t, KERNELS:] = quant.kernel_addresses(t)
@@ -534,10 +541,13 @@ class Model:
         from .inspection import patch
         return patch(self, source_ids, target_ids, layer, positions)
 
-    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+    def check_ids(self, ids: np.ndarray) -> None:
         bad = (ids < 0) | (ids >= self.n_vocab)
         if bad.any():
             raise ValueError(f"token id {int(ids[bad][0])} out of range (vocabulary has {self.n_vocab} tokens)")
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        self.check_ids(ids)
         rows = self.embed.w[ids]
         x = quant.dequantize(rows, self.embed.type_id, (len(ids), self.args.d_model))
         if self.embed_scale is not None:
@@ -665,7 +675,7 @@ class Session:
             raise ValueError(f"context overflow: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}")
         if n == 0:
             return np.zeros((0, m.n_vocab), np.float32) if all_logits else None
-        x_all = m.embed_tokens(ids)
+        m.check_ids(ids)
         outs = []
         cap_index = np.full(a.n_layers, -1, np.int64)
         cap_all = _EMPTY4
@@ -681,12 +691,16 @@ class Session:
         if capture and 0 < ring < self.n_past + n and ring < n + a.n_swa - 1:
             raise ValueError(f"capturing {n} tokens in one batch needs a full sliding-window cache "
                              f"(Session(..., swa_full=True)), this one has {ring} cells")
+        if not m.linked:  # the first forward pass: compiled here while the kernels compile elsewhere
+            args = (np.zeros((1, a.d_model), np.float32), np.zeros(1, np.int64), self.n_past, _WEIGHTS, m.config,
+                    self.kv, m.inv_freq, cap_all, cap_index, exact)
+            m.linked_weights(lambda w: _compile_for(forward_layers, args, w))
+        x_all = m.embed_tokens(ids)
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            args = (x, pos, self.n_past, _WEIGHTS, m.config, self.kv, m.inv_freq, cap_all, cap_index, exact)
-            w = m.linked_weights(lambda w: _compile_for(forward_layers, args, w))
-            forward_layers(x, pos, self.n_past, w, m.config, self.kv, m.inv_freq, cap_all, cap_index, exact)
+            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index,
+                           exact)
             self.n_past += x.shape[0]
             self._written = max(self._written, self.n_past)
             self._last_h = x[-1:].copy()

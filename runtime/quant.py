@@ -2407,31 +2407,55 @@ def _cached(kernel, sig) -> bool:
         return False
 
 
-def uncompiled(type_ids) -> list[int]:
-    """The formats among type_ids whose kernel_addresses are not in numba's cache yet."""
+def _jobs(type_ids):
+    """(kernel, signature) of every kernel kernel_addresses compiles for these formats."""
     out = []
     for t in sorted({int(t) for t in type_ids}):
         k = kernels(t)
-        pairs = [(k.fused, SIG_FUSED), (k.chunked, SIG_CHUNKED)] + ([(k.i16, SIG_I16)] if k.i16 else [])
-        if not all(_cached(f, sig) for f, sig in pairs):
-            out.append(t)
+        out += [(k.fused, SIG_FUSED), (k.chunked, SIG_CHUNKED)] + ([(k.i16, SIG_I16)] if k.i16 else [])
     return out
 
 
-def compile_in_background(type_ids):
+def uncompiled(type_ids) -> list[int]:
+    """The formats among type_ids whose kernel_addresses are not in numba's cache yet."""
+    return [t for t in sorted({int(t) for t in type_ids}) if not all(_cached(f, s) for f, s in _jobs([t]))]
+
+
+_SIG_DEQUANTIZE = types.void(types.int64, types.Array(types.uint8, 1, "C", readonly=True), types.int64,
+                             types.Array(types.float32, 1, "C"))  # dequantize()'s call
+
+
+def dequantize_cached(type_id: int) -> bool:
+    return int(type_id) == GGML_F32 or _cached(kernels(type_id).dequantize, _SIG_DEQUANTIZE)
+
+
+def compile_kernels(type_ids, dequantize_ids=(), reverse: bool = False) -> None:
+    """Compile these formats' kernels (and dequantize for dequantize_ids) into
+    numba's cache, skipping what is there already; two processes sharing the work
+    go in opposite orders (reverse) and so duplicate at most the kernel where they
+    meet."""
+    jobs = [(kernels(t).dequantize, _SIG_DEQUANTIZE) for t in dequantize_ids] + _jobs(type_ids)
+    for kernel, sig in reversed(jobs) if reverse else jobs:
+        if not _cached(kernel, sig):
+            kernel.compile(sig)
+
+
+def compile_in_background(type_ids, dequantize_ids=()):
     """Start a process that compiles these formats' kernels into numba's cache (the
     same directory as ours) and return it (a subprocess.Popen), or None on a
     one-core machine.  numba compiles on one thread; with this, the kernels
-    compile while this process compiles the forward pass that calls them."""
+    compile while this process compiles the forward pass that calls them (and
+    then takes the rest of them from the other end: compile_kernels)."""
     import os
     import subprocess
     import sys
 
     import numba.core.config
 
-    if not type_ids or (os.cpu_count() or 1) < 2:
+    if not (type_ids or dequantize_ids) or (os.cpu_count() or 1) < 2:
         return None
-    code = f"from runtime import quant; [quant.kernel_addresses(t) for t in {sorted(int(t) for t in type_ids)}]"
+    ids, deq = sorted(int(t) for t in type_ids), [int(t) for t in dequantize_ids]
+    code = f"from runtime import quant; quant.compile_kernels({ids}, {deq})"
     env = dict(os.environ, NUMBA_CACHE_DIR=str(numba.core.config.CACHE_DIR))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -2609,6 +2633,8 @@ def dequantize(raw: np.ndarray, type_id: int, shape) -> np.ndarray:
     src = _as_u8_readonly(raw, 1)
     if src.size != n_blocks * ts:
         raise ValueError(f"{name}: {src.size} bytes given, {n_blocks * ts} needed for shape {shape}")
+    if int(type_id) == GGML_F32:  # the bytes are the values: no kernel to compile
+        return src.view("<f4").astype(np.float32).reshape(shape)
     out = np.empty(n, np.float32)
     if n_blocks:
         kernels(type_id).dequantize(int(type_id), src, n_blocks, out)
