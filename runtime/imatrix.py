@@ -161,6 +161,22 @@ def compute_imatrix(model, tokens, n_ctx: int, n_chunks: int = -1, *, process_ou
                          time.perf_counter() - t0)
 
 
+def worst_difference(ours: dict, theirs: dict) -> tuple[tuple[float, str], tuple[float, str]]:
+    """Two imatrices' largest difference over the matrices of `theirs` (name -> sums
+    of squares per column; ".counts" entries skipped): ((plain relative, matrix),
+    (relative to the larger of the column's sum and the matrix's mean column sum,
+    matrix)).  The scaled form: a column whose activations are all tiny carries its
+    neighbours' absolute error."""
+    plain = scaled = (0.0, "")
+    for name in sorted(theirs):
+        if name.endswith(".counts"):
+            continue
+        a, b = ours[name], theirs[name]
+        plain = max(plain, (float(np.max(np.abs(a - b) / np.abs(b))), name))
+        scaled = max(scaled, (float(np.max(np.abs(a - b) / np.maximum(np.abs(b), b.mean()))), name))
+    return plain, scaled
+
+
 def write_imatrix(result: ImatrixResult, path) -> Path:
     """llama-imatrix's GGUF file, written atomically (a temporary file, then rename)."""
     import gguf

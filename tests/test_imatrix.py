@@ -249,17 +249,12 @@ def test_imatrix_matches_llama_imatrix(imatrix_pair):
     assert mo["imatrix.chunk_count"] == mt["imatrix.chunk_count"] == TOOL_CHUNKS
     assert mo["imatrix.chunk_size"] == mt["imatrix.chunk_size"] == TOOL_CTX
     assert mo["imatrix.datasets"] == mt["imatrix.datasets"] == [str(text)]
-    worst = worst_scaled = (0.0, "")
     for name in sorted(tt):
         a, b = to[name], tt[name]
+        assert a.shape == b.shape, name
         if name.endswith(".counts"):
             assert np.array_equal(a, b) and a[0] == TOOL_CTX * TOOL_CHUNKS, (name, a, b)
-            continue
-        assert a.shape == b.shape, name
-        worst = max(worst, (float(np.max(np.abs(a - b) / np.abs(b))), name))
-        # relative to the larger of the column's sum and the matrix's mean column sum:
-        # a column whose activations are all tiny carries its neighbours' absolute error
-        worst_scaled = max(worst_scaled, (float(np.max(np.abs(a - b) / np.maximum(np.abs(b), b.mean()))), name))
+    worst, worst_scaled = ri.worst_difference(to, tt)
     print(f"largest relative difference from llama-imatrix: {worst[0]:.2e} ({worst[1]}); "
           f"scaled {worst_scaled[0]:.2e} ({worst_scaled[1]})")
     assert worst_scaled[0] <= 1e-5, worst_scaled

@@ -41,16 +41,6 @@ def _sums(path: Path) -> dict:
     return {t.name: np.array(t.data, np.float64).reshape(-1) for t in rd.tensors if t.name.endswith("in_sum2")}
 
 
-def _worst(a: dict, b: dict) -> tuple:
-    """(worst plain relative, its matrix), (worst relative to max(|column|, matrix mean), its matrix)."""
-    plain = scaled = (0.0, "")
-    for k, y in b.items():
-        x = a[k]
-        plain = max(plain, (float(np.max(np.abs(x - y) / np.abs(y))), k))
-        scaled = max(scaled, (float(np.max(np.abs(x - y) / np.maximum(np.abs(y), y.mean()))), k))
-    return plain, scaled
-
-
 def main() -> int:
     tools = find_tools()
     if tools is None:
@@ -69,10 +59,10 @@ def main() -> int:
     ours = _sums(ri.write_imatrix(r, d / "ours.gguf"))
     theirs = {ub: _sums(_theirs(tools, f32, text, d, ub)) for ub in (512, 128, 32)}
     for a, b in ((128, 512), (32, 512), (32, 128)):
-        (w, wk), (s, _) = _worst(theirs[a], theirs[b])
+        (w, wk), (s, _) = ri.worst_difference(theirs[a], theirs[b])
         print(f"llama-imatrix -ub {a} vs -ub {b}: worst plain {w:.2e} ({wk}), scaled {s:.2e}")
     for ub, t in theirs.items():
-        (w, wk), (s, _) = _worst(ours, t)
+        (w, wk), (s, _) = ri.worst_difference(ours, t)
         print(f"ours vs llama-imatrix -ub {ub}: worst plain {w:.2e} ({wk}), scaled {s:.2e}")
     return 0
 
