@@ -374,7 +374,9 @@ def main(argv=None) -> int:
 
             def notice(type_ids):
                 names = ", ".join(quant.type_name(t) for t in type_ids)
-                print(f"compiling the {names} kernels for this CPU, once: about 10 s per format on 2 cores ...",
+                # generate has echoed the prompt by now: on a terminal, start a line of its own
+                lead = "\n" if sys.stdout.isatty() and sys.stderr.isatty() else ""
+                print(f"{lead}compiling the {names} kernels for this CPU, once: about 10 s per format on 2 cores ...",
                       file=sys.stderr, flush=True)
 
             model.COMPILE_NOTICE = notice
