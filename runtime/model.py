@@ -126,7 +126,7 @@ def _linear3(w, m0, m1, m2, x, exact, use2=True):
     out1 = np.empty((n, m1[1]), np.float32)
     out2 = np.empty((n, m2[1] if use2 else 0), np.float32)
     w0, w1 = _mat(w.blob, m0), _mat(w.blob, m1)
-    w2 = _mat(w.blob, m2 if use2 else m1, 0 if not use2 else m2[1])
+    w2 = _mat(w.blob, m2, m2[1] if use2 else 0)  # zero rows, C order, when unused
     if exact is not None:
         quant.matmul_at(m0[3], m0[KERNELS:], w0, x, out0)
         quant.matmul_at(m1[3], m1[KERNELS:], w1, x, out1)
@@ -675,7 +675,6 @@ class Session:
             raise ValueError(f"context overflow: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}")
         if n == 0:
             return np.zeros((0, m.n_vocab), np.float32) if all_logits else None
-        m.check_ids(ids)
         outs = []
         cap_index = np.full(a.n_layers, -1, np.int64)
         cap_all = _EMPTY4
@@ -692,6 +691,7 @@ class Session:
             raise ValueError(f"capturing {n} tokens in one batch needs a full sliding-window cache "
                              f"(Session(..., swa_full=True)), this one has {ring} cells")
         if not m.linked:  # the first forward pass: compiled here while the kernels compile elsewhere
+            m.check_ids(ids)  # (embed_tokens checks them too: a bad id fails before a long compile)
             args = (np.zeros((1, a.d_model), np.float32), np.zeros(1, np.int64), self.n_past, _WEIGHTS, m.config,
                     self.kv, m.inv_freq, cap_all, cap_index, exact)
             m.linked_weights(lambda w: _compile_for(forward_layers, args, w))

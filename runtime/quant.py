@@ -2609,19 +2609,6 @@ def matmul_q8(type_id: int, W: np.ndarray, X: np.ndarray, out: np.ndarray) -> No
         k.chunked(type_id, W, X, out)
 
 
-def matmul3_q8(t0, W0, t1, W1, t2, W2, X, out0, out1, out2) -> None:
-    """matmul3_q8_at from Python."""
-    if all(int(t) in _I16_TYPES for t in (t0, t1, t2)) and X.shape[0] >= I16_MIN_N:
-        xq, xd, xs = quantize_x16_rows(X)
-        for t, W, out in ((t0, W0, out0), (t1, W1, out1), (t2, W2, out2)):
-            if W.shape[0] > 0:
-                kernels(t).i16(t, W, xq, xd, xs, out)
-    else:
-        for t, W, out in ((t0, W0, out0), (t1, W1, out1), (t2, W2, out2)):
-            if W.shape[0] > 0:
-                matmul_q8(t, W, X, out)
-
-
 # ---------------------------------------------------------------------------
 # Python API (validation lives here, the kernels trust their input)
 # ---------------------------------------------------------------------------
