@@ -27,17 +27,25 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True)
+def _sum_part(b):
+    acc = np.uint64(0)
+    for i in range(b.shape[0]):
+        acc += b[i]
+    return acc
+
+
 @njit(parallel=True, cache=True)
 def _stream_sum(a):
     """Sum of a uint64 array in 64 equal parts: a streaming read (integer adds
-    vectorise; a float sum would be bound by its add latency, not the memory)."""
+    vectorise; a float sum would be bound by its add latency, not the memory).
+    Each part is summed by its own function over a contiguous slice: written inline
+    in the prange body the loop was not vectorised, and the probe read 8.7 GB/s on a
+    Zen 4 VM whose DRAM streams 55 GB/s to two threads (numpy's sum: 28 on one)."""
     n = a.shape[0]
     parts = np.zeros(64, np.uint64)
     for t in prange(64):
-        acc = np.uint64(0)
-        for i in range(t * n // 64, (t + 1) * n // 64):
-            acc += a[i]
-        parts[t] = acc
+        parts[t] = _sum_part(a[t * n // 64:(t + 1) * n // 64])
     return parts.sum()
 
 

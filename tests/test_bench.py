@@ -130,3 +130,15 @@ def test_public_api(llama_cpp):
             _check_stats(res["tests"]["pp8"], 2)
     finally:
         numba.set_num_threads(before)  # the rest of the test session keeps its threads
+
+
+def test_stream_sum_reads_every_element():
+    """The bandwidth probe's sum covers the whole array exactly once (64 parts,
+    a length that does not divide evenly), so its bytes/s is of the whole read."""
+    import numpy as np
+
+    from runtime.bench import _stream_sum, read_bandwidth
+
+    a = np.arange(1_000_003, dtype=np.uint64)
+    assert int(_stream_sum(a)) == int(a.sum())
+    assert read_bandwidth(8 << 20, reps=2) > 0
