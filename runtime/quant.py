@@ -410,14 +410,22 @@ def _q2_k_body(builder, sp, o, dp, out):
             _ir_store(builder, dp, out, h * 128 + k * 32, v)
 
 
-def _q3_k_body(builder, sp, o, dp, out):
-    s12 = _ir_bytes(builder, sp, o, 96, 16)  # 12 scale bytes (+4 past them, unused)
-    lo = builder.and_(builder.lshr(_ir_lanes(builder, s12, list(range(8)) * 2), _vc(_I8, 16, [0] * 8 + [4] * 8)),
+def _ir_q3_k_scales(builder, sp, o):
+    """Q3_K: the 16 six-bit sub-block scales minus 32 (<16 x i8>, -32..31) from the 12
+    bytes at 96: low nibbles of bytes 0-7 (scales 0-7) then their high nibbles (8-15),
+    and bits 2j, 2j + 1 of byte 8 + (s % 4) on top, j = s // 4.  One 16-byte load at
+    94 (the scales are lanes 2-13): it ends at the block's last byte, where a load at
+    96 reads two bytes past the block (past the file, for the last block of a file)."""
+    v = _ir_bytes(builder, sp, o, 94, 16)
+    lo = builder.and_(builder.lshr(_ir_lanes(builder, v, list(range(2, 10)) * 2), _vc(_I8, 16, [0] * 8 + [4] * 8)),
                       _vc(_I8, 16, 15))
-    hi = builder.and_(builder.lshr(_ir_lanes(builder, s12, [8, 9, 10, 11] * 4),
+    hi = builder.and_(builder.lshr(_ir_lanes(builder, v, [10, 11, 12, 13] * 4),
                                    _vc(_I8, 16, [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4)), _vc(_I8, 16, 3))
-    sc = builder.sub(builder.zext(builder.or_(lo, builder.shl(hi, _vc(_I8, 16, 4))), llir.VectorType(_I32, 16)),
-                     _vc(_I32, 16, 32))
+    return builder.sub(builder.or_(lo, builder.shl(hi, _vc(_I8, 16, 4))), _vc(_I8, 16, 32))
+
+
+def _q3_k_body(builder, sp, o, dp, out):
+    sc = builder.sext(_ir_q3_k_scales(builder, sp, o), llir.VectorType(_I32, 16))
     dl = builder.fmul(_ir_splat(builder, _ir_f16(builder, sp, builder.add(o, _c64(108))), 16),
                       _ir_float(builder, sc, True))
     hm = _ir_bytes(builder, sp, o, 0, 32)
@@ -1421,6 +1429,10 @@ def _ir_accumulate(builder, acc, v):
     """acc + v, or acc + a * b in one fused multiply-add where a dot returns the
     pair (a, b): one rounding, as ggml's AVX2 dots (_mm256_fmadd_ps), and one
     instruction fewer per block and row."""
+    if isinstance(v, list):  # several terms, fused in order
+        for term in v:
+            acc = _ir_accumulate(builder, acc, term)
+        return acc
     if isinstance(v, tuple):
         a, b = v
         fn = cgutils.get_or_insert_function(builder.module, llir.FunctionType(a.type, [a.type] * 3),
@@ -1439,56 +1451,60 @@ def _ir_reduce_fadd8(builder, v, start=_F32_ZERO):
 
 
 def _ir_scaled8(builder, isum, scale):
-    """<8 x float>: the integer lanes (<8 or 16 x i32>, 16 folded to 8 by adding
-    halves, exact) converted and times the scalar scale.  k-quant dots keep one
-    vector accumulator per row and reduce it once at the row's end, as ggml's do:
-    a horizontal sum per 256-block cost two reductions' worth of shuffles."""
+    """The term (<8 x float> integer lanes, <8 x float> splat of the scalar scale) that
+    _ir_accumulate adds to a row's accumulator in one fused multiply-add (isum
+    <8 or 16 x i32>, 16 folded to 8 by adding halves, exact).  k-quant dots keep
+    one vector accumulator per row and reduce it once at the row's end, as ggml's
+    do: a horizontal sum per 256-block cost two reductions' worth of shuffles."""
     if isum.type.count == 16:
         isum = builder.add(_ir_lanes(builder, isum, list(range(8))), _ir_lanes(builder, isum, list(range(8, 16))))
-    return builder.fmul(builder.sitofp(isum, _V8F), _ir_splat(builder, scale, 8))
+    return builder.sitofp(isum, _V8F), _ir_splat(builder, scale, 8)
 
 
 def _kdot_intrinsic(unpack, dot):
     """k-quants (and IQ4_XS): one <8 x float> accumulator per row; dot returns the
-    block's contribution as one such vector (see _ir_scaled8)."""
+    block's contribution as a term of _ir_scaled8 (or a list of them)."""
     return _rows_dot_intrinsic(unpack, lambda *a: [dot(*a)], [(_V8F, llir.Constant(_V8F, [0.0] * 8))],
                                lambda builder, vals: _ir_reduce_fadd8(builder, vals[0]))
 
 
 def _k4_unpack(five):
-    """Q4_K (five False) or Q5_K unpack.  Q4_K (layout at _dec_q4_k): qs bytes 0-31
-    hold sub-blocks 0 (low nibbles) and 1 (high), bytes 32-63 sub-blocks 2 and 3, ...
-    A 64-byte load's low nibbles are sub-blocks (0 | 2), its high nibbles (1 | 3):
-    the activations are rearranged to match and the scales spread over lanes 0-7
-    and 8-15.  Q5_K is the same block with qs 32 bytes later and a fifth bit per
-    weight: bit 2j (low nibbles of group j) / 2j + 1 (high) of qh[l], l < 32 the
-    lane within the group, adds 16 (q <= 31, still a valid unsigned operand)."""
+    """Q4_K (five False) or Q5_K unpack.  Q4_K (layout at _dec_q4_k): qs bytes
+    32g .. 32g + 31 hold sub-blocks 2g (low nibbles) and 2g + 1 (high).  Each group's
+    32 bytes are loaded into both halves of a 64-byte vector and the upper half
+    shifted by 4 (one variable word shift), so that after masking its 64 lanes are
+    weights 64g .. 64g + 63 in the activations' own order: the unpack, done once per
+    block, puts the nibbles where the activations are, and no row pays a shuffle of
+    its activations per block (four vpermt2b per block and row before).  Q5_K is the
+    same block with qs 32 bytes later and a fifth bit per weight: bit 2g (low
+    nibbles) / 2g + 1 (high) of qh[l], l < 32 the lane within the group, adds 16
+    (q <= 31, still a valid unsigned operand)."""
     bsz, qs_off = (176, 48) if five else (144, 16)
+    dup = _vc(_I32, 64, [lane % 32 for lane in range(64)])
+    shift = _vc(_I16, 32, [0] * 16 + [4] * 16)
 
     def unpack(builder, i, wp):
         i32 = llir.IntType(32)
-        v64 = llir.VectorType(llir.IntType(8), 64)
+        v32 = llir.VectorType(_I8, 32)
         o = builder.mul(i, _c64(bsz))
         d = _ir_f16(builder, wp, o)
         dmin = _ir_f16(builder, wp, builder.add(o, _c64(2)))
         sc, mi = _ir_k_scale_bytes(builder, wp, o)
         sc16 = builder.zext(sc, llir.VectorType(_I16, 8))
         mi8 = builder.zext(mi, llir.VectorType(i32, 8))
-        fifteen = llir.Constant(v64, [15] * 64)
-        four = llir.Constant(v64, [4] * 64)
         if five:
-            qh = _ir_vload(builder, wp, builder.add(o, _c64(16)), llir.VectorType(llir.IntType(8), 32), 1)
-            qh64 = builder.shuffle_vector(qh, qh, _vc(_I32, 64, [lane % 32 for lane in range(64)]))
+            qh = _ir_vload(builder, wp, builder.add(o, _c64(16)), v32, 1)
+            qh64 = builder.shuffle_vector(qh, qh, dup)
         nibs = []
-        for h in range(2):
-            a = _ir_vload(builder, wp, builder.add(o, _c64(qs_off + 64 * h)), v64, 1)
-            for s, nib in enumerate((builder.and_(a, fifteen), builder.lshr(a, four))):
-                if five:
-                    bit = _vc(_I8, 64, [1 << (4 * h + 2 * (lane // 32) + s) for lane in range(64)])
-                    on = builder.icmp_unsigned("!=", builder.and_(qh64, bit), _vc(_I8, 64, 0))
-                    nib = builder.or_(nib, builder.select(on, _vc(_I8, 64, 16), _vc(_I8, 64, 0)))
-                j0 = 4 * h + s  # sub-blocks j0 (lanes 0-7) and j0 + 2 (lanes 8-15)
-                nibs.append((h, s, nib, (sc16, [j0] * 8 + [j0 + 2] * 8)))
+        for g in range(4):
+            b = _ir_vload(builder, wp, builder.add(o, _c64(qs_off + 32 * g)), v32, 1)
+            b2 = builder.bitcast(builder.shuffle_vector(b, b, dup), llir.VectorType(_I16, 32))
+            nib = builder.and_(builder.bitcast(builder.lshr(b2, shift), llir.VectorType(_I8, 64)), _vc(_I8, 64, 15))
+            if five:
+                bit = _vc(_I8, 64, [1 << (2 * g + lane // 32) for lane in range(64)])
+                on = builder.icmp_unsigned("!=", builder.and_(qh64, bit), _vc(_I8, 64, 0))
+                nib = builder.or_(nib, builder.select(on, _vc(_I8, 64, 16), _vc(_I8, 64, 0)))
+            nibs.append((64 * g, nib, (sc16, [2 * g] * 8 + [2 * g + 1] * 8)))
         return d, dmin, mi8, nibs
 
     return unpack
@@ -1528,26 +1544,29 @@ def _iq4_xs_dot(builder, st, i, xp, xdp, xsp):
     return _ir_scaled8(builder, tot, builder.fmul(d, xd))
 
 
-_Q4K_X_IDX = (list(range(32)) + list(range(64, 96)), list(range(32, 64)) + list(range(96, 128)))
+def _ir_sum_parts(builder, parts, i, xp):
+    """<16 x i32>: the scaled int8 dots of a 256-block's unpacked parts, each
+    (offset, u, scale): 64 unsigned weights u against activations offset .. offset + 63."""
+    v64 = llir.VectorType(_I8, 64)
+    xo = builder.mul(i, _c64(256))
+    tot = llir.Constant(llir.VectorType(_I32, 16), [0] * 16)
+    for off, u, scale in parts:
+        tot = _ir_dot4(builder, tot, u, _ir_vload(builder, xp, builder.add(xo, _c64(off)), v64, 1), scale)
+    return tot
 
 
 def _q4_k_dot(builder, st, i, xp, xdp, xsp):
+    # d * sum_j sc_j * sum(q * x) - dmin * sum_j m_j * xsum32_j (ints, as ggml's Q4_K
+    # dot), added to the row's accumulator by two fused multiply-adds.
     d, dmin, mi8, nibs = st
-    i32 = llir.IntType(32)
-    v64 = llir.VectorType(llir.IntType(8), 64)
-    v16 = llir.VectorType(i32, 16)
-    xo = builder.mul(i, _c64(256))
-    x = [_ir_vload(builder, xp, builder.add(xo, _c64(64 * k)), v64, 1) for k in range(4)]
-    tot = llir.Constant(v16, [0] * 16)
-    for h, s, nib, scale in nibs:
-        xa = builder.shuffle_vector(x[2 * h], x[2 * h + 1], llir.Constant(llir.VectorType(i32, 64), _Q4K_X_IDX[s]))
-        tot = _ir_dot4(builder, tot, nib, xa, scale)
+    v16 = llir.VectorType(_I32, 16)
+    tot = _ir_sum_parts(builder, nibs, i, xp)
     # minimums against the rounded activations' sums per 32 (as _qdot_q4_1)
     xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
     xs32 = builder.add(_ir_lanes(builder, xs, list(range(0, 16, 2))), _ir_lanes(builder, xs, list(range(1, 16, 2))))
     xd = builder.load(builder.gep(xdp, [i]))
-    return builder.fsub(_ir_scaled8(builder, tot, builder.fmul(d, xd)),
-                        _ir_scaled8(builder, builder.mul(mi8, xs32), builder.fmul(dmin, xd)))
+    return [_ir_scaled8(builder, tot, builder.fmul(d, xd)),
+            _ir_scaled8(builder, builder.mul(mi8, xs32), builder.fneg(builder.fmul(dmin, xd)))]
 
 
 def _q6_k_unpack(builder, i, wp):
@@ -1564,23 +1583,86 @@ def _q6_k_unpack(builder, i, wp):
     parts = []
     for h in range(2):
         for s, u6 in enumerate(_ir_q6_k_half(builder, wp, o, h)):
-            parts.append((h, s, u6, (sc16, [8 * h + 4 * s + lane // 4 for lane in range(16)])))
+            parts.append((128 * h + 64 * s, u6, (sc16, [8 * h + 4 * s + lane // 4 for lane in range(16)])))
     return d, sc, parts
 
 
 def _q6_k_dot(builder, st, i, xp, xdp, xsp):
     # sum(sc * (q - 32) * x) = sum(sc * q * x) - 32 * sum(sc * xsum16).
     d, sc, parts = st
-    i32 = llir.IntType(32)
-    v64 = llir.VectorType(llir.IntType(8), 64)
-    v16 = llir.VectorType(i32, 16)
-    xo = builder.mul(i, _c64(256))
-    tot = llir.Constant(v16, [0] * 16)
-    for h, s, u6, scale in parts:
-        xa = _ir_vload(builder, xp, builder.add(xo, _c64(128 * h + 64 * s)), v64, 1)
-        tot = _ir_dot4(builder, tot, u6, xa, scale)
+    v16 = llir.VectorType(_I32, 16)
+    tot = _ir_sum_parts(builder, parts, i, xp)
     xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
     isum = builder.sub(tot, builder.shl(builder.mul(sc, xs), _vc(_I32, 16, 5)))  # lane-wise; the total is what counts
+    xd = builder.load(builder.gep(xdp, [i]))
+    return _ir_scaled8(builder, isum, builder.fmul(d, xd))
+
+
+_CAT64 = _vc(_I32, 64, list(range(64)))
+
+
+def _ir_crumbs(builder, qs):
+    """<32 x i8> bytes -> the four 2-bit fields of each: [(qs >> 2k) & 3 for k < 4]."""
+    return [builder.and_(builder.lshr(qs, _vc(_I8, 32, 2 * k)), _vc(_I8, 32, 3)) for k in range(4)]
+
+
+def _q2_k_unpack(builder, i, wp):
+    # Q2_K (layout at _rdot_q2_k): bytes 0-15 one per sub-block of 16 (low nibble its
+    # scale, high nibble its minimum), qs at 16, d at 80, dmin at 82.  Bits 2k, 2k + 1
+    # of qs[32h + l] are weight 128h + 32k + l: fields k = 2p, 2p + 1 side by side are
+    # weights 128h + 64p + 0..63, the activations' own order.
+    o = builder.mul(i, _c64(84))
+    d = _ir_f16(builder, wp, builder.add(o, _c64(80)))
+    dmin = _ir_f16(builder, wp, builder.add(o, _c64(82)))
+    sb = _ir_bytes(builder, wp, o, 0, 16)
+    sc16 = builder.zext(builder.and_(sb, _vc(_I8, 16, 15)), llir.VectorType(_I16, 16))
+    mins = builder.zext(builder.lshr(sb, _vc(_I8, 16, 4)), llir.VectorType(_I32, 16))
+    parts = []
+    for h in range(2):
+        c = _ir_crumbs(builder, _ir_bytes(builder, wp, o, 16 + 32 * h, 32))
+        for p in range(2):
+            parts.append((128 * h + 64 * p, builder.shuffle_vector(c[2 * p], c[2 * p + 1], _CAT64),
+                          (sc16, [8 * h + 4 * p + lane // 4 for lane in range(16)])))
+    return d, dmin, mins, parts
+
+
+def _q2_k_dot(builder, st, i, xp, xdp, xsp):
+    # d * sum(sc * q * x) - dmin * sum(m * xsum16), both in int32 (as ggml's Q2_K dot).
+    d, dmin, mins, parts = st
+    v16 = llir.VectorType(_I32, 16)
+    tot = _ir_sum_parts(builder, parts, i, xp)
+    xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
+    xd = builder.load(builder.gep(xdp, [i]))
+    return [_ir_scaled8(builder, tot, builder.fmul(d, xd)),
+            _ir_scaled8(builder, builder.mul(mins, xs), builder.fneg(builder.fmul(dmin, xd)))]
+
+
+def _q3_k_unpack(builder, i, wp):
+    # Q3_K (layout at _rdot_q3_k): hmask[32], qs[64] at 32, scales at 96, d at 108.
+    # q = (2-bit field of qs, as Q2_K) + 4 * (bit 4h + k of hmask[l]) - 4: the
+    # unsigned u = q + 4 (0..7) meets the activations, the 4 comes off with xsum16.
+    o = builder.mul(i, _c64(110))
+    d = _ir_f16(builder, wp, builder.add(o, _c64(108)))
+    sc8 = _ir_q3_k_scales(builder, wp, o)
+    hm = _ir_bytes(builder, wp, o, 0, 32)
+    parts = []
+    for h in range(2):
+        c = _ir_crumbs(builder, _ir_bytes(builder, wp, o, 32 + 32 * h, 32))
+        u = [builder.or_(c[k], builder.shl(builder.and_(builder.lshr(hm, _vc(_I8, 32, 4 * h + k)), _vc(_I8, 32, 1)),
+                                           _vc(_I8, 32, 2))) for k in range(4)]
+        for p in range(2):
+            parts.append((128 * h + 64 * p, builder.shuffle_vector(u[2 * p], u[2 * p + 1], _CAT64),
+                          (builder.sext(sc8, llir.VectorType(_I16, 16)), [8 * h + 4 * p + lane // 4 for lane in range(16)])))
+    return d, builder.sext(sc8, llir.VectorType(_I32, 16)), parts
+
+
+def _q3_k_dot(builder, st, i, xp, xdp, xsp):
+    # sum(sc * (u - 4) * x) = sum(sc * u * x) - 4 * sum(sc * xsum16), as _q6_k_dot's 32.
+    d, sc, parts = st
+    v16 = llir.VectorType(_I32, 16)
+    tot = _ir_sum_parts(builder, parts, i, xp)
+    xs = _ir_vload(builder, xsp, builder.mul(i, _c64(16)), v16, 4)
+    isum = builder.sub(tot, builder.shl(builder.mul(sc, xs), _vc(_I32, 16, 2)))
     xd = builder.load(builder.gep(xdp, [i]))
     return _ir_scaled8(builder, isum, builder.fmul(d, xd))
 
@@ -1675,6 +1757,8 @@ _qdot_iq4_xs = _kdot_intrinsic(_iq4_xs_unpack, _iq4_xs_dot)
 _qdot_q4_k = _kdot_intrinsic(_k4_unpack(False), _q4_k_dot)
 _qdot_q5_k = _kdot_intrinsic(_k4_unpack(True), _q4_k_dot)  # same dot: 5-bit q, same scales
 _qdot_q6_k = _kdot_intrinsic(_q6_k_unpack, _q6_k_dot)
+_qdot_q2_k = _kdot_intrinsic(_q2_k_unpack, _q2_k_dot)
+_qdot_q3_k = _kdot_intrinsic(_q3_k_unpack, _q3_k_dot)
 
 
 @njit(cache=True, inline="always")
@@ -1682,7 +1766,7 @@ def _has_q8_dot(type_id):
     return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
             or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
             or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_NL
-            or type_id == GGML_IQ4_XS)
+            or type_id == GGML_IQ4_XS or type_id == GGML_Q2_K or type_id == GGML_Q3_K)
 
 
 @njit(cache=True, inline="always")
@@ -1697,6 +1781,10 @@ def _rows_dot_q8(type_id, W, i0, i1, a32, ak, nb, out):
         _qdot_iq4_xs(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
     elif type_id == GGML_Q6_K:
         _qdot_q6_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
+    elif type_id == GGML_Q2_K:
+        _qdot_q2_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
+    elif type_id == GGML_Q3_K:
+        _qdot_q3_k(W, i0, i1, ak[0], ak[1], ak[2], nb, out)
     else:
         xq, xd, xs16, xsd = a32
         if type_id == GGML_Q4_0:
@@ -1842,7 +1930,8 @@ def _activation_q8(X, cols, bs):
 @njit(cache=True, inline="always")
 def _is_k(type_id):
     """Formats whose int8 dots take activations in blocks of 256 (ggml's Q8_K)."""
-    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_XS
+    return (type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_XS
+            or type_id == GGML_Q2_K or type_id == GGML_Q3_K)
 
 
 # A fixed task count (not get_num_threads(), which would stop numba caching these
@@ -2063,7 +2152,8 @@ _min_tile = _min_tile_intrinsic(_I16_T)
 
 
 _I16_TYPES = frozenset({GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0, GGML_Q4_K,
-                        GGML_Q5_K, GGML_Q6_K, GGML_IQ4_NL, GGML_IQ4_XS})  # _has_i16, for Python
+                        GGML_Q5_K, GGML_Q6_K, GGML_IQ4_NL, GGML_IQ4_XS, GGML_Q2_K,
+                        GGML_Q3_K})  # _has_i16, for Python
 
 
 @njit(cache=True, inline="always")
@@ -2071,7 +2161,7 @@ def _has_i16(type_id):
     return (type_id == GGML_Q4_0 or type_id == GGML_Q4_1 or type_id == GGML_Q5_0
             or type_id == GGML_Q5_1 or type_id == GGML_Q8_0 or type_id == GGML_Q4_K
             or type_id == GGML_Q5_K or type_id == GGML_Q6_K or type_id == GGML_IQ4_NL
-            or type_id == GGML_IQ4_XS)
+            or type_id == GGML_IQ4_XS or type_id == GGML_Q2_K or type_id == GGML_Q3_K)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -2170,6 +2260,29 @@ def _iq4_xs_body16(builder, sp, o, dp, out):
         _ir_vstore(builder, v, dp, builder.add(out, _c64(32 * j)), 2)
 
 
+def _q2_k_body16(builder, sp, o, dp, out):
+    """Q2_K: sc_s * q per sub-block s of 16 (|.| <= 45; the minimums go to mn)."""
+    sc = builder.zext(builder.and_(_ir_bytes(builder, sp, o, 0, 16), _vc(_I8, 16, 15)), llir.VectorType(_I16, 16))
+    for h in range(2):
+        for k, q in enumerate(_ir_crumbs(builder, _ir_bytes(builder, sp, o, 16 + 32 * h, 32))):
+            v = builder.mul(builder.zext(q, llir.VectorType(_I16, 32)),
+                            _ir_lanes(builder, sc, [8 * h + 2 * k + lane // 16 for lane in range(32)]))
+            _ir_vstore(builder, v, dp, builder.add(out, _c64(128 * h + 32 * k)), 2)
+
+
+def _q3_k_body16(builder, sp, o, dp, out):
+    """Q3_K: (sc_s - 32) * q per sub-block s of 16, q in -4..3 (|.| <= 128)."""
+    sc = builder.sext(_ir_q3_k_scales(builder, sp, o), llir.VectorType(_I16, 16))
+    hm = _ir_bytes(builder, sp, o, 0, 32)
+    for h in range(2):
+        for k, c in enumerate(_ir_crumbs(builder, _ir_bytes(builder, sp, o, 32 + 32 * h, 32))):
+            mb = builder.and_(builder.lshr(hm, _vc(_I8, 32, 4 * h + k)), _vc(_I8, 32, 1))
+            q = builder.sub(builder.zext(builder.or_(c, builder.shl(mb, _vc(_I8, 32, 2))), llir.VectorType(_I16, 32)),
+                            _vc(_I16, 32, 4))
+            v = builder.mul(q, _ir_lanes(builder, sc, [8 * h + 2 * k + lane // 16 for lane in range(32)]))
+            _ir_vstore(builder, v, dp, builder.add(out, _c64(128 * h + 32 * k)), 2)
+
+
 _d16_q4_0 = _ir_decoder(18, 32, _q4_0_body16, _I16)
 _d16_q5_0 = _ir_decoder(22, 32, _q5_body16(True), _I16)
 _d16_q5_1 = _ir_decoder(24, 32, _q5_body16(False), _I16)
@@ -2180,6 +2293,8 @@ _d16_q8_0 = _ir_decoder(34, 32, _q8_0_body16, _I16)
 _d16_q4_k = _ir_decoder(144, 256, _k_body16(False), _I16)
 _d16_q5_k = _ir_decoder(176, 256, _k_body16(True), _I16)
 _d16_q6_k = _ir_decoder(210, 256, _q6_k_body16, _I16)
+_d16_q2_k = _ir_decoder(84, 256, _q2_k_body16, _I16)
+_d16_q3_k = _ir_decoder(110, 256, _q3_k_body16, _I16)
 
 
 @intrinsic
@@ -2237,6 +2352,16 @@ def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
     elif type_id == GGML_IQ4_XS:
         dsc[0, a] = _f16(w, (c0 // 256) * 136)
         _d16_iq4_xs(w, c0 // 256, 1, tmp, o)
+    elif type_id == GGML_Q2_K:
+        b = (c0 // 256) * 84
+        dsc[0, a] = _f16(w, b + 80)
+        dmin = _f16(w, b + 82)
+        for g in range(16):
+            mn[g, a] = -(dmin * np.float32(w[b + g] >> 4))
+        _d16_q2_k(w, c0 // 256, 1, tmp, o)
+    elif type_id == GGML_Q3_K:
+        dsc[0, a] = _f16(w, (c0 // 256) * 110 + 108)
+        _d16_q3_k(w, c0 // 256, 1, tmp, o)
     else:  # legacy blocks of 32
         b0 = c0 // 32
         nb = m // 32
@@ -2270,7 +2395,8 @@ def _dec16(type_id, w, c0, m, tmp, a, dsc, mn):
 
 @njit(cache=True, inline="always")
 def _has_min(type_id):
-    return type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1 or type_id == GGML_Q5_1
+    return (type_id == GGML_Q4_K or type_id == GGML_Q5_K or type_id == GGML_Q4_1 or type_id == GGML_Q5_1
+            or type_id == GGML_Q2_K)
 
 
 @njit(cache=True, inline="always")

@@ -322,7 +322,8 @@ Q8_KERNELS = {quant.GGML_Q4_0: quant._qdot_q4_0, quant.GGML_Q4_1: quant._qdot_q4
               quant.GGML_Q5_0: quant._qdot_q5_0, quant.GGML_Q5_1: quant._qdot_q5_1,
               quant.GGML_Q8_0: quant._qdot_q8_0, quant.GGML_Q4_K: quant._qdot_q4_k,
               quant.GGML_Q5_K: quant._qdot_q5_k, quant.GGML_Q6_K: quant._qdot_q6_k,
-              quant.GGML_IQ4_NL: quant._qdot_iq4_nl, quant.GGML_IQ4_XS: quant._qdot_iq4_xs}
+              quant.GGML_IQ4_NL: quant._qdot_iq4_nl, quant.GGML_IQ4_XS: quant._qdot_iq4_xs,
+              quant.GGML_Q2_K: quant._qdot_q2_k, quant.GGML_Q3_K: quant._qdot_q3_k}
 
 
 @pytest.mark.parametrize("tid", sorted(Q8_KERNELS), ids=NAMES.get)

@@ -29,7 +29,7 @@ FORMATS = {
     "q4_0": (18, 32, "q8_0", (0,)), "q4_1": (20, 32, "q8_1", (0, 2)), "q5_0": (22, 32, "q8_0", (0,)),
     "q5_1": (24, 32, "q8_1", (0, 2)), "q8_0": (34, 32, "q8_0", (0,)), "iq4_nl": (18, 32, "q8_0", (0,)),
     "q4_k": (144, 256, "q8_K", (0, 2)), "q5_k": (176, 256, "q8_K", (0, 2)), "q6_k": (210, 256, "q8_K", (208,)),
-    "iq4_xs": (136, 256, "q8_K", (0,)),
+    "iq4_xs": (136, 256, "q8_K", (0,)), "q2_k": (84, 256, "q8_K", (80, 82)), "q3_k": (110, 256, "q8_K", (108,)),
 }
 ACT = {"q8_0": (34, 32), "q8_1": (36, 32), "q8_K": (292, 256)}
 
@@ -47,9 +47,10 @@ def _clock_hz() -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("formats", nargs="?", default="q4_0,q4_1,q5_0,q5_1,q8_0,iq4_nl,q4_k,q5_k,q6_k,iq4_xs")
+    ap.add_argument("formats", nargs="?", default="q4_0,q4_1,q5_0,q5_1,q8_0,iq4_nl,q2_k,q3_k,q4_k,q5_k,q6_k,iq4_xs")
     ap.add_argument("--rows", default="512,8192,131072")
     ap.add_argument("--cols", type=int, default=0, help="default 896 (legacy) / 1024 (256-blocks)")
+    ap.add_argument("--float", action="store_true", help="also time our float-activation kernel (quant.matmul)")
     a = ap.parse_args()
 
     os.environ["NUMBA_NUM_THREADS"] = "1"  # no idle pool threads spinning into the CPU time
@@ -97,9 +98,12 @@ def main():
             s = np.zeros(rows, np.float32)
             out = np.zeros((1, rows), np.float32)
             reps = max(1, int(2e8 // W.nbytes))
+            out_f = np.zeros((1, rows), np.float32)
             runs = [lambda: ggml_rows(W, y, s, reps),
                     lambda: [quant.matmul_q8(tid, W, x, out) for _ in range(reps)]]
-            best = [1e9, 1e9]
+            if a.float:  # our float-activation kernel (quant.matmul), the path before an int8 dot
+                runs.append(lambda: [quant.matmul(tid, W, x, out_f) for _ in range(reps)])
+            best = [1e9] * len(runs)
             for f in runs:
                 f()
             for _ in range(5):  # interleaved, best of 5
@@ -111,7 +115,8 @@ def main():
             gbs = [W.nbytes / b / 1e9 for b in best]
             where = {512: "L2", 8192: "L3", 131072: "DRAM"}.get(rows, str(rows))
             diff = np.max(np.abs(s - out[0])) / max(np.max(np.abs(s)), 1e-30)
-            print(f"{name:7s} {where:5s} {cyc[0]:9.1f} {gbs[0]:6.2f} {cyc[1]:9.1f} {gbs[1]:6.2f} {best[1] / best[0]:9.2f}  {diff:.1e}")
+            fl = f"  float {cyc[2]:.1f} cyc, {gbs[2]:.2f} GB/s" if a.float else ""
+            print(f"{name:7s} {where:5s} {cyc[0]:9.1f} {gbs[0]:6.2f} {cyc[1]:9.1f} {gbs[1]:6.2f} {best[1] / best[0]:9.2f}  {diff:.1e}{fl}")
 
 
 if __name__ == "__main__":
