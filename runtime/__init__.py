@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def _numba_cache_dir() -> None:
     """Point numba's on-disk cache at a directory named after a hash of this package's
     compiled modules' sources.  numba keys a cached function on its own file only, so after an edit to
-    quant.py the cached engine in model.py would keep running the old, inlined
+    a format's kernels in quant/ the cached engine in model.py would keep running the old, inlined
     kernels; with the hash, any source change starts a fresh cache (older ones are
     removed).  A NUMBA_CACHE_DIR set by the user is kept as the parent directory."""
     import hashlib
@@ -23,10 +23,10 @@ def _numba_cache_dir() -> None:
 
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for f in sorted(here.glob("*.py")):  # the modules with compiled code
+    for f in sorted(here.rglob("*.py")):  # the modules with compiled code (quant/ too)
         src = f.read_bytes()
-        if b"@njit" in src:
-            h.update(f.name.encode() + b"\0" + src)
+        if b"@njit" in src or b"@intrinsic" in src:
+            h.update(f.relative_to(here).as_posix().encode() + b"\0" + src)
     tag = f"numba-{h.hexdigest()[:16]}"
     parent = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else here / "__pycache__"
     if re.fullmatch(r"numba-[0-9a-f]{16}", parent.name):

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .quant import _bits_as_f32, _f32_as_bits, _half_as_f32, _ir_data, _ir_splat, _ir_vload, _ir_vstore
+from .quant.ir import _bits_as_f32, _f32_as_bits, _half_as_f32, _ir_data, _ir_splat, _ir_vload, _ir_vstore
 
 __all__ = ["rms_norm", "rope", "attention", "swiglu", "geglu", "softmax", "add", "rope_inv_freq",
            "f32_to_f16_bits"]

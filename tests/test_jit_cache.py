@@ -1,5 +1,5 @@
 """numba's on-disk cache follows the package sources: an edit to any module (say a
-kernel in quant.py that model.py's compiled engine inlines) starts a fresh cache."""
+kernel in quant/ that model.py's compiled engine inlines) starts a fresh cache."""
 
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ def _cache_dir(pkg_parent: Path) -> str:
 
 def test_source_edit_changes_numba_cache_dir(tmp_path):
     pkg = tmp_path / "runtime"
-    pkg.mkdir()
-    for f in (ROOT / "runtime").glob("*.py"):
-        shutil.copy(f, pkg / f.name)
+    shutil.copytree(ROOT / "runtime", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     first = _cache_dir(tmp_path)
     assert Path(first).parent == pkg / "__pycache__" and Path(first).name.startswith("numba-")
     Path(first).mkdir(parents=True)
     assert _cache_dir(tmp_path) == first  # same sources, same cache
-    with open(pkg / "quant.py", "a") as f:
+    with open(pkg / "quant" / "q4_k.py", "a") as f:  # a kernel module inside the subpackage
         f.write("\n# an edit\n")
     second = _cache_dir(tmp_path)
     assert second != first

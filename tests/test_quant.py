@@ -15,6 +15,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from runtime import quant  # noqa: E402
+from runtime.quant import ir as qir, matmuls as qmm  # noqa: E402  (internals under test)
 
 TYPES = sorted(quant._SUPPORTED)
 NAMES = {t: quant.type_name(t) for t in TYPES}
@@ -178,7 +179,7 @@ def test_fused_kernels_match_float64_reference(tid):
     for n in (1, 3, 17):
         X = rng.standard_normal((n, cols)).astype(np.float32)
         out = np.full((n, rows), np.nan, np.float32)
-        quant.matmul(tid, quant._as_u8_readonly(W, 2), X, out)
+        quant.matmul(tid, qmm._as_u8_readonly(W, 2), X, out)
         ref = X.astype(np.float64) @ Wd.T
         assert _rel_err(out, ref) < 1e-5, (n, _rel_err(out, ref))
 
@@ -220,7 +221,7 @@ def _q8_model(W, tid, x):
     """float64 model of the int8 product W . x as ggml computes it: x in int8 blocks
     (of 256 for k-quants, Q8_K; of 32 for the legacy formats, Q8_0 / Q8_1), the Q4_1 /
     Q5_1 minimums multiplied by Q8_1's fp16 s instead of d * sum(q)."""
-    bs = 256 if quant._is_k(tid) else 32
+    bs = 256 if qmm._is_k(tid) else 32
     qx, d, s = _q8_blocks(x, bs, with_s=True)
     Wd = _ref(W, tid).astype(np.float64)
     model = Wd @ (qx * d[:, None].astype(np.float64)).reshape(-1)
@@ -240,7 +241,7 @@ def test_matmul_q8_decode_path(tid):
     rng = np.random.default_rng(3000 + tid)
     cols = _cols_for(tid)
     rows = 37
-    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    W = qmm._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
     Wd = _ref(W, tid).astype(np.float64)
     out = np.full((1, rows), np.nan, np.float32)
 
@@ -249,7 +250,7 @@ def test_matmul_q8_decode_path(tid):
     q[::32] = 127 * np.sign(q[::32] + 0.5)
     x = (q * np.float32(2.0 ** -7)).reshape(1, cols)
     quant.matmul_q8(tid, W, x, out)
-    exact_model = _q8_model(W, tid, x[0]) if quant._has_q8_dot(tid) else Wd @ x[0].astype(np.float64)
+    exact_model = _q8_model(W, tid, x[0]) if qmm._has_q8_dot(tid) else Wd @ x[0].astype(np.float64)
     assert _rel_err(out, exact_model[None]) < 1e-5
     if tid not in (quant.GGML_Q4_1, quant.GGML_Q5_1):  # only Q8_1's fp16 s rounds these
         assert _rel_err(out, x.astype(np.float64) @ Wd.T) < 1e-5
@@ -258,13 +259,13 @@ def test_matmul_q8_decode_path(tid):
     quant.matmul_q8(tid, W, x, out)
     exact = x.astype(np.float64) @ Wd.T
     assert _rel_err(out, exact) < 3e-2
-    if quant._has_q8_dot(tid):
+    if qmm._has_q8_dot(tid):
         # the whole product with x rounded to int8 blocks: of 256 for k-quants (llama.cpp's
         # Q8_K), of 32 for the legacy formats (Q8_0 / Q8_1)
         assert _rel_err(out, _q8_model(W, tid, x[0])[None]) < 1e-5
 
 
-@pytest.mark.parametrize("tid", [t for t in TYPES if quant._has_q8_dot(t)], ids=NAMES.get)
+@pytest.mark.parametrize("tid", [t for t in TYPES if qmm._has_q8_dot(t)], ids=NAMES.get)
 def test_multi_row_decode_is_batch_invariant(tid):
     """Decode of several sequences in one step (2..16 activation rows): each weight
     block unpacked once for all rows, and every row's result bit for bit what it is
@@ -272,7 +273,7 @@ def test_multi_row_decode_is_batch_invariant(tid):
     rng = np.random.default_rng(6000 + tid)
     cols = _cols_for(tid)
     rows = 45
-    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    W = qmm._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
     X = (rng.standard_normal((quant.Q8_MAX_ROWS, cols)) * rng.uniform(0.1, 10, (quant.Q8_MAX_ROWS, 1))).astype(np.float32)
     alone = np.empty((quant.Q8_MAX_ROWS, rows), np.float32)
     for r in range(quant.Q8_MAX_ROWS):
@@ -286,7 +287,7 @@ def test_multi_row_decode_is_batch_invariant(tid):
         assert _rel_err(alone[r:r + 1], _q8_model(W, tid, X[r])[None]) < 1e-5
 
 
-I16_TYPES = [t for t in TYPES if quant._has_i16(t)]
+I16_TYPES = [t for t in TYPES if qmm._has_i16(t)]
 
 
 @pytest.mark.parametrize("tid", I16_TYPES, ids=NAMES.get)
@@ -297,7 +298,7 @@ def test_matmul_q8_prefill_path(tid):
     rng = np.random.default_rng(4000 + tid)
     cols = _cols_for(tid)
     rows = 37
-    W = quant._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
+    W = qmm._as_u8_readonly(_weights_for(tid, rows, cols, rng), 2)
     Wd = _ref(W, tid).astype(np.float64)
     def int16_matmul(X, out):  # matmul_q8 takes this path from I16_MIN_N rows on
         if X.shape[0] >= quant.I16_MIN_N:
@@ -318,12 +319,12 @@ def test_matmul_q8_prefill_path(tid):
         assert _rel_err(out, X.astype(np.float64) @ Wd.T) < 3e-4, n
 
 
-Q8_KERNELS = {quant.GGML_Q4_0: quant._qdot_q4_0, quant.GGML_Q4_1: quant._qdot_q4_1,
-              quant.GGML_Q5_0: quant._qdot_q5_0, quant.GGML_Q5_1: quant._qdot_q5_1,
-              quant.GGML_Q8_0: quant._qdot_q8_0, quant.GGML_Q4_K: quant._qdot_q4_k,
-              quant.GGML_Q5_K: quant._qdot_q5_k, quant.GGML_Q6_K: quant._qdot_q6_k,
-              quant.GGML_IQ4_NL: quant._qdot_iq4_nl, quant.GGML_IQ4_XS: quant._qdot_iq4_xs,
-              quant.GGML_Q2_K: quant._qdot_q2_k, quant.GGML_Q3_K: quant._qdot_q3_k}
+Q8_KERNELS = {quant.GGML_Q4_0: quant.legacy._qdot_q4_0, quant.GGML_Q4_1: quant.legacy._qdot_q4_1,
+              quant.GGML_Q5_0: quant.legacy._qdot_q5_0, quant.GGML_Q5_1: quant.legacy._qdot_q5_1,
+              quant.GGML_Q8_0: quant.legacy._qdot_q8_0, quant.GGML_Q4_K: quant.q4_k._qdot_q4_k,
+              quant.GGML_Q5_K: quant.q4_k._qdot_q5_k, quant.GGML_Q6_K: quant.q6_k._qdot_q6_k,
+              quant.GGML_IQ4_NL: quant.iq4._qdot_iq4_nl, quant.GGML_IQ4_XS: quant.iq4._qdot_iq4_xs,
+              quant.GGML_Q2_K: quant.q2_k._qdot_q2_k, quant.GGML_Q3_K: quant.q3_k._qdot_q3_k}
 
 
 @pytest.mark.parametrize("tid", sorted(Q8_KERNELS), ids=NAMES.get)
@@ -336,7 +337,7 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
     rng = np.random.default_rng(5000 + tid)
     bs = 256 if quant.block_size(tid) == 256 else 32
     cols = 256 * 3
-    w = quant._as_u8_readonly(_weights_for(tid, 1, cols, rng), 2)[0]
+    w = qmm._as_u8_readonly(_weights_for(tid, 1, cols, rng), 2)[0]
     xq = np.empty(cols, np.int8)
     xd = np.empty(cols // bs, np.float32)
     xs = np.empty(cols // 16, np.int32)
@@ -356,14 +357,14 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
         return njit(one)
 
     branches = [(False, False)]  # plain IR
-    if quant._target_has("avx2"):
+    if qir._target_has("avx2"):
         branches.append((False, True))
-    if quant._VNNI512:
+    if qir._VNNI512:
         branches.append((True, False))
     results = []
     for vnni, maddubs in branches:
-        monkeypatch.setattr(quant, "_VNNI512", vnni)
-        monkeypatch.setattr(quant, "_MADDUBS", maddubs)
+        monkeypatch.setattr(qir, "_VNNI512", vnni)
+        monkeypatch.setattr(qir, "_MADDUBS", maddubs)
         results.append(build()(w, xq, xd, xs))
     assert len(set(results)) == 1, dict(zip(branches, results))
     # the extreme operands a saturating int16 pair sum would get wrong
@@ -374,8 +375,8 @@ def test_q8_dot_without_vnni(tid, monkeypatch):
         xq2 = np.full(cols, -127, np.int8)
         extremes = []
         for vnni, maddubs in branches:
-            monkeypatch.setattr(quant, "_VNNI512", vnni)
-            monkeypatch.setattr(quant, "_MADDUBS", maddubs)
+            monkeypatch.setattr(qir, "_VNNI512", vnni)
+            monkeypatch.setattr(qir, "_MADDUBS", maddubs)
             extremes.append(build()(w2, xq2, xd, xs))
         assert len(set(extremes)) == 1, extremes
     Wd = _ref(w.reshape(1, -1), tid).astype(np.float64)[0]
@@ -420,7 +421,7 @@ def test_matmul_callable_from_other_njit_code():
     rng = np.random.default_rng(7)
     for t in (quant.GGML_Q4_0, quant.GGML_Q4_K):
         cols = 256
-        W = quant._as_u8_readonly(_random_raw(t, 9, cols // quant.block_size(t), rng, _finite_scales(rng)), 2)
+        W = qmm._as_u8_readonly(_random_raw(t, 9, cols // quant.block_size(t), rng, _finite_scales(rng)), 2)
         k = np.array(quant.kernel_addresses(t), np.int64)
         for n in (1, 2, quant.I16_MIN_N + 1):
             X = rng.standard_normal((n, cols)).astype(np.float32)
@@ -443,7 +444,7 @@ def test_kernel_call_checks_its_types():
 
     @njit
     def wrong(k, W, X, out):
-        quant._call_fused(k[0], quant.GGML_Q4_0, W, X, out, True)
+        qmm._call_fused(k[0], quant.GGML_Q4_0, W, X, out, True)
 
     W = np.zeros((2, 18), np.uint8)
     W.flags.writeable = False
@@ -486,7 +487,7 @@ def test_tile_transpose():
     for the first P pairs, nothing past them touched."""
     from numba import njit
 
-    transpose = njit(lambda tmp, wb, P: quant._tile_transpose(tmp, wb, P))
+    transpose = njit(lambda tmp, wb, P: qmm._tile_transpose(tmp, wb, P))
     rng = np.random.default_rng(6000)
     tmp = rng.integers(-2**15, 2**15, 16 * 256).astype(np.int16)
     for P in (16, 48, 128):

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
 
         # fused matvec on the same bytes (2048 rows if we have them)
         x = rng.standard_normal(cols).astype(np.float32)
-        W = quant._as_u8_readonly(raw, 2)
+        W = quant.matmuls._as_u8_readonly(raw, 2)
         quant.matvec(tid, W, x)
         t_mv = _best(lambda: quant.matvec(tid, W, x), args.repeat)
         gflops = 2 * rows * cols / t_mv / 1e9
