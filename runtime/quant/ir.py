@@ -277,6 +277,26 @@ _VNNI512 = _target_has("avx512vnni") and _target_has("avx512bw") and _target_has
 _MADDUBS = _target_has("avx2")
 
 
+def _ir_lane_scales(builder, src, lanes):
+    """<16 x i16> with lane k = src[lanes[k]]: the multipliers vpmaddwd takes on AVX2.
+    Where the lanes read one aligned window of 8 (every k-quant's sub-block scales
+    for a 32-weight half), the window is first copied into both 128-bit halves
+    behind an opaque barrier, so that the lanes come from it by one in-lane vpshufb
+    (LLVM otherwise moved each scale to lane 0 and broadcast it: two instructions
+    per sub-block, 8 of the 106 in Q4_K's block loop)."""
+    lo = min(lanes) // 8 * 8
+    if max(lanes) >= lo + 8 or src.type.count < lo + 8:
+        return builder.shuffle_vector(src, src, _vc(_I32, 16, lanes))
+    cache = builder.__dict__.setdefault("_scale_windows", {})  # one window per block and source
+    key = (id(src), lo)
+    if key not in cache:
+        win = builder.shuffle_vector(src, src, _vc(_I32, 16, [lo + j % 8 for j in range(16)]))
+        v16 = llir.VectorType(_I16, 16)
+        cache[key] = (src, builder.asm(llir.FunctionType(v16, [v16]), "", _VREG, [win], False))
+    win = cache[key][1]
+    return builder.shuffle_vector(win, win, _vc(_I32, 16, [lanes[k] - lo + 8 * (k // 8) for k in range(16)]))
+
+
 def _ir_dot4(builder, acc, u8, s8, scale=None):
     """acc (<n/4 x i32>) + the sums of four adjacent zext(u8) * sext(s8) (<n x i8>
     each, n = 32 or 64; u8 <= 128), each sum times its lane of scale where given
@@ -329,7 +349,7 @@ def _ir_dot4(builder, acc, u8, s8, scale=None):
             if src is None:
                 mult = llir.Constant(v16s, [1] * 16)
             else:  # int16 lanes 2k and 2k + 1 make int32 lane k: both take its scale
-                mult = builder.shuffle_vector(src, src, _vc(_I32, 16, [idx[8 * h + k // 2] for k in range(16)]))
+                mult = _ir_lane_scales(builder, src, [idx[8 * h + k // 2] for k in range(16)])
             parts.append(builder.call(maddwd, [builder.call(maddubs, [uh, sh]), mult]))
         out = parts[0] if n == 32 else builder.shuffle_vector(parts[0], parts[1],
                                                               llir.Constant(llir.VectorType(i32, 16), list(range(16))))
