@@ -90,7 +90,8 @@ def _q3_k_unpack(builder, i, wp):
     o = builder.mul(i, _c64(110))
     d = _ir_f16(builder, wp, builder.add(o, _c64(108)))
     sc8 = _ir_q3_k_scales(builder, wp, o)
-    hm = _ir_bytes(builder, wp, o, 0, 32)
+    sc16 = builder.sext(sc8, llir.VectorType(_I16, 16))  # one value for all parts (AVX2 builds
+    hm = _ir_bytes(builder, wp, o, 0, 32)                  # its scale window once per source)
     parts = []
     for h in range(2):
         c = _ir_crumbs(builder, _ir_bytes(builder, wp, o, 32 + 32 * h, 32))
@@ -98,7 +99,7 @@ def _q3_k_unpack(builder, i, wp):
                                            _vc(_I8, 32, 2))) for k in range(4)]
         for p in range(2):
             parts.append((128 * h + 64 * p, builder.shuffle_vector(u[2 * p], u[2 * p + 1], _CAT64),
-                          (builder.sext(sc8, llir.VectorType(_I16, 16)), [8 * h + 4 * p + lane // 4 for lane in range(16)])))
+                          (sc16, [8 * h + 4 * p + lane // 4 for lane in range(16)])))
     return d, builder.sext(sc8, llir.VectorType(_I32, 16)), parts
 
 
