@@ -17,9 +17,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
+import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -209,6 +212,60 @@ def _commit() -> str | None:
         return None
 
 
+# The flags that choose a kernel path here or in llama.cpp (ggml's AVX-512 / VNNI /
+# AMX builds), as /proc/cpuinfo spells them.
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi",
+              "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp")
+
+
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """/proc/cpuinfo's model name, with family and model numbers on x86 (a VM's
+    name can be as vague as 'AMD EPYC': family 25 model 17 says Zen 4)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block only
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def ggml_features(system_info: str) -> list[str]:
+    """The features llama_print_system_info() reports on ('AVX2 = 1 | ... | REPACK = 1'):
+    which of its kernels this build runs."""
+    return [m.group(1) for m in re.finditer(r"([A-Za-z0-9_]+)\s*=\s*1\b", system_info)]
+
+
+def machine() -> dict:
+    """What a figure was measured on: the CPU (model, the vector-ISA flags that pick
+    kernel paths), the target numba compiles for (NUMBA_CPU_NAME / _FEATURES when set:
+    an AVX2-only run on an AVX-512 machine says so) and the int8 dot path it selects."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    from .llamacpp import cpu_flags
+    from .quant import ir
+
+    flags = cpu_flags()
+    forced = config.CPU_NAME is not None and config.CPU_NAME != "host"
+    return {
+        "cpu": _cpu_model(), "cpu_flags": [f for f in _ISA_FLAGS if f in flags],
+        "numba_cpu": config.CPU_NAME if forced else llvm.get_host_cpu_name(),
+        "numba_cpu_features": config.CPU_FEATURES,  # None: the host's
+        "int8_path": "avx512-vnni" if ir._VNNI512 else "avx2-maddubs" if ir._MADDUBS else "portable",
+    }
+
+
 def _engine(name: str, path, n_prompt: int, n_gen: int, threads: int, precision: str = "fast"):
     """"ours" or "llama.cpp" on the file, with a context that holds the longer test
     (each test starts from an empty cache) and the prompt in one llama.cpp batch."""
@@ -237,14 +294,19 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
         "architecture": g.arch, "n_params": int(sum(int(np.prod(t.shape)) for t in g.tensors.values())),
         "threads": threads, "precision": precision, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
         "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tests": {},
+        "machine": machine(), "tests": {},
     }
     say(f"ours: {path.name}, {threads} threads" + (", precision exact" if precision == "exact" else ""))
     engines = [_engine("ours", path, n_prompt, n_gen, threads, precision)]
     if vs_llamacpp:
+        from . import llamacpp
         from .llamacpp import mitigation
 
         m = mitigation()
+        llama_cpp = _import_llama_cpp()
+        info = llamacpp._system_info(llama_cpp).strip()
+        doc["llamacpp"] = {"version": getattr(llama_cpp, "__version__", None), "system_info": info,
+                           "features": ggml_features(info)}
         doc["llamacpp_mitigation"] = {"active": m.active, "cpu_amx": m.cpu_amx, "build_amx": m.build_amx,
                                       "note": m.describe()}
         say(m.describe())
@@ -323,6 +385,15 @@ def format_table(doc: dict) -> str:
     mit = doc.get("llamacpp_mitigation")
     if mit and mit["active"]:
         lines.append("llama.cpp ran with use_extra_bufts=False (AMX CPU + AMX build): no REPACK")
+    mach = doc.get("machine")
+    if mach:
+        lines += textwrap.wrap(f"CPU: {mach['cpu']}, {' '.join(mach['cpu_flags']) or 'no AVX2'}; "
+                               f"numba target {mach['numba_cpu']}, int8 path {mach['int8_path']}",
+                               80, subsequent_indent="  ")
+    lc = doc.get("llamacpp")
+    if lc:
+        lines += textwrap.wrap(f"llama.cpp {lc['version']}: {' '.join(lc['features'])}", 80,
+                               subsequent_indent="  ")
     lines.append(f"median of {doc['repetitions']} repetitions (min..max)"
                  + (f"; commit {doc['commit']}" if doc.get("commit") else ""))
     return "\n".join(lines)

@@ -41,6 +41,9 @@ def test_json_numbers():
         assert set(t) == {"ours"}
         _check_stats(t["ours"], 2)
     assert doc["load_s"] >= 0
+    m = doc["machine"]
+    assert m["cpu"] and isinstance(m["cpu_flags"], list) and m["numba_cpu"]
+    assert m["int8_path"] in ("avx512-vnni", "avx2-maddubs", "portable")
 
 
 def test_precision_exact_runs_the_float_activation_path():
@@ -80,6 +83,41 @@ def test_vs_llamacpp_ratio(llama_cpp):
     for t in doc["tests"].values():
         _check_stats(t["llamacpp"], 2)
         assert t["ratio"] == pytest.approx(t["ours"]["median"] / t["llamacpp"]["median"])
+    lc = doc["llamacpp"]
+    assert lc["version"] and "=" in lc["system_info"]
+    assert lc["features"] and set(lc["features"]) <= set(lc["system_info"].replace("=", " ").split())
+
+
+def test_cpu_model_and_ggml_features():
+    from runtime import bench as rb
+
+    x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n" \
+          "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n"
+    assert rb._cpu_model(x86) == "AMD EPYC (family 25 model 17)"
+    assert rb._cpu_model("processor : 0\nmodel name : Intel(R) Xeon(R) Platinum 8480+\n") == \
+        "Intel(R) Xeon(R) Platinum 8480+"
+    info = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | AMX_INT8 = 1 | REPACK = 1 | "
+    assert rb.ggml_features(info) == ["SSE3", "AVX2", "AMX_INT8", "REPACK"]
+
+
+@pytest.mark.parametrize("cpu,features,path", [
+    ("haswell", "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+f16c,+fma,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3",
+     "avx2-maddubs"),
+    ("skylake-avx512", "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd,+avx512vnni",
+     "avx512-vnni"),
+    ("x86-64", "+64bit,+sse,+sse2", "portable"),
+])
+def test_machine_reports_the_compile_target(cpu, features, path):
+    """bench's machine record says what numba compiles for (an AVX2-only run on an
+    AVX-512 host says haswell) and the int8 path that target selects."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,
+               RUNTIME_CPU_FLAGS="fpu avx2 fma avx512f amx_int8")
+    r = subprocess.run([sys.executable, "-c", "import json; from runtime import bench; print(json.dumps(bench.machine()))"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["numba_cpu"] == cpu and m["numba_cpu_features"] == features and m["int8_path"] == path
+    assert m["cpu_flags"] == ["avx2", "fma", "avx512f", "amx_int8"]
 
 
 @pytest.mark.parametrize("args,msg", [
