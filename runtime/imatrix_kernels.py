@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from . import ops
-from .model import WD, WG, WO, WQ, _layer_kv, _linear, _linear3, _post_norm, _qkv
+from .model import WD, WG, WO, WQ, _gate_act, _layer_kv, _linear, _linear3, _post_norm, _qkv
 
 __all__ = ["forward_sq"]
 
@@ -62,9 +62,6 @@ def forward_sq(x, pos, n_past, w, cfg, kv, inv_freq, keep, sq):
         ops.rms_norm(x, w.ffn_norm[l], cfg.eps, h)
         _add_sq(sq[l, WG], h, keep)
         gate, up, _ = _linear3(w, m[WG], m[WG + 1], m[WG + 1], h, False, False)
-        if cfg.gelu:
-            ops.geglu(gate, up, gate, True)
-        else:
-            ops.swiglu(gate, up, gate)
+        _gate_act(gate, up, cfg.gelu, True)
         _add_sq(sq[l, WD], gate, keep)
         ops.add(x, _post_norm(_linear(gate, w, m[WD], False), w.post_ffn_norm, l, cfg))

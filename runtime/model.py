@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from . import arch, ops, quant
 from .arch import HParams
@@ -74,8 +75,11 @@ class Config(NamedTuple):
     eps: float             # RMSNorm epsilon
     neox: bool             # RoPE pairs (i, i + n_rot/2) instead of (2i, 2i + 1)
     attn_scale: float      # softmax(q.k * attn_scale)
-    gelu: bool             # FFN gate activation GELU (GeGLU, Gemma) instead of SiLU (SwiGLU)
-    n_swa: int             # sliding window: query p sees keys j > p - n_swa (0: none)
+    # The next two are None where the model has no such part: numba then types the
+    # forward pass without it (see _gate_act, _global_window), so that a SwiGLU model
+    # without sliding windows neither compiles nor links GeGLU or windowed attention.
+    gelu: bool | None      # True: FFN gate activation GELU (GeGLU, Gemma); None: SiLU (SwiGLU)
+    n_swa: int | None      # sliding window: query p sees keys j > p - n_swa (None: no such layers)
     swa: np.ndarray        # bool [n_layers]: layer l is a sliding-window layer
     kv_row: np.ndarray     # int64 [n_layers]: layer l's row of KVCache.k (global) / .k_swa (sliding)
     inv_freq_swa: np.ndarray  # float64 [n_rot/2]: RoPE frequencies of sliding layers (empty: none)
@@ -138,13 +142,42 @@ def _linear3(w, m0, m1, m2, x, exact, use2=True):
     return out0, out1, out2
 
 
+def _global_window(n_swa):
+    """A global layer's window: 0 in a model with sliding-window layers, None (the
+    type of its Config.n_swa) in one without."""
+
+
+@overload(_global_window)
+def _global_window_impl(n_swa):
+    if isinstance(n_swa, types.NoneType):
+        return lambda n_swa: None
+    return lambda n_swa: 0
+
+
+def _gate_act(gate, up, gelu, exact):
+    """gate = act(gate) * up: GeGLU where Config.gelu is True, SwiGLU where it is None."""
+
+
+@overload(_gate_act)
+def _gate_act_impl(gate, up, gelu, exact):
+    # Picked while numba types the caller: only the model's own activation compiles.
+    if isinstance(gelu, types.NoneType):
+        def swiglu(gate, up, gelu, exact):
+            ops.swiglu(gate, up, gate)
+        return swiglu
+
+    def geglu(gate, up, gelu, exact):
+        ops.geglu(gate, up, gate, exact is not None)
+    return geglu
+
+
 @njit(cache=True, inline="always")
 def _layer_kv(k, v, k_swa, v_swa, cfg, l):
-    """Layer l's K and V cache ([cells, n_kv_heads, hd]) and its window (0: global)."""
+    """Layer l's K and V cache ([cells, n_kv_heads, hd]) and its window (0 or None: global)."""
     r = cfg.kv_row[l]
     if cfg.swa[l]:
         return k_swa[r], v_swa[r], cfg.n_swa
-    return k[r], v[r], 0
+    return k[r], v[r], _global_window(cfg.n_swa)
 
 
 @njit(cache=True, inline="always")
@@ -228,10 +261,7 @@ def ffn_block(x, w, l, cfg, exact):
     h = np.empty_like(x)
     ops.rms_norm(x, w.ffn_norm[l], cfg.eps, h)
     gate, up, _ = _linear3(w, m[WG], m[WU], m[WU], h, exact, False)
-    if cfg.gelu:
-        ops.geglu(gate, up, gate, exact is not None)
-    else:
-        ops.swiglu(gate, up, gate)
+    _gate_act(gate, up, cfg.gelu, exact)
     return _post_norm(_linear(gate, w, m[WD], exact), w.post_ffn_norm, l, cfg)
 
 
@@ -373,7 +403,8 @@ class Model:
                             else ops.rope_inv_freq(a.n_rot, a.rope_base, a.rope_freq_scale))
         self.config = Config(n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, eps=float(a.rms_eps),
                              neox=a.rope_style == "neox", attn_scale=float(a.attn_scale),
-                             gelu=a.family.ffn_act == "gelu_tanh", n_swa=int(a.n_swa) if swa.any() else 0,
+                             gelu=True if a.family.ffn_act == "gelu_tanh" else None,
+                             n_swa=int(a.n_swa) if swa.any() else None,
                              swa=swa, kv_row=kv_row, inv_freq_swa=inv_freq_swa)
         # Gemma scales token embeddings by sqrt(d_model), in float32 as llama.cpp's ggml_scale
         self.embed_scale = np.float32(np.sqrt(np.float32(d))) if a.family.embed_scale else None

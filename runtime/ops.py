@@ -492,12 +492,13 @@ def attention(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capt
     converted on load); the softmax normaliser is summed in float64.  blocks=False
     keeps the one-query-at-a-time path (what capture uses) even for long batches,
     so that every layer of an inspection pass sums its scores in the same order.
-    n_swa > 0: a sliding-window layer (query p sees keys p - n_swa < j <= p); while
+    n_swa > 0: a sliding-window layer (query p sees keys p - n_swa < j <= p; None:
+    a model without such layers, whose compile leaves the windowed kernel out); while
     every window still reaches position 0 (n_past + n <= n_swa) that is plain causal
     attention over cells 0.., and the paths below serve it unchanged.
     """
     n = q.shape[0]
-    if n_swa > 0 and n_past + n > n_swa:
+    if n_swa is not None and n_swa > 0 and n_past + n > n_swa:  # None: compiled without windows
         _attention_window(q, k_cache, v_cache, n_past, n_heads, n_kv_heads, scale, out, capture, n_swa)
         return
     hdk = k_cache.shape[2]
