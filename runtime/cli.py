@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         # second): say so rather than sit silent for half a minute.
         first = not _jit_cache_warm()
         if first:
-            print(f"compiling kernels for this CPU ({_cpu_name()}), first run only: about half a minute on 2 cores ...",
+            print(f"compiling kernels for this CPU ({_cpu_name()}), first run only: about 25 s on 2 cores, more for several formats ...",
                   file=sys.stderr, flush=True)
         else:
             from . import model, quant
