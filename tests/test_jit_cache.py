@@ -137,3 +137,46 @@ def test_compile_notice_names_the_new_formats(tmp_path, monkeypatch):
     types_ = sorted({int(t) for t in w.mats[:, :, 3].ravel()} | {m.output.type_id})
     assert seen == [types_]
     assert (w.mats[:, :, model_mod.KERNELS] != 0).all()
+
+
+def test_formats_compiled_in_two_processes_keep_their_own_kernels(tmp_path):
+    """Two formats' kernels, each compiled first thing in a process of its own (as two
+    models' helper processes do), then both loaded from the cache into one process:
+    each call reaches its own format's code (the symbols once collided, and one
+    format's matmul ran the other's)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    for t in ("GGML_Q4_0", "GGML_Q4_1"):
+        code = f"from runtime import quant; quant.kernels(quant.{t}).fused.compile(quant.SIG_FUSED)"
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+    code = """
+import numpy as np
+from runtime import quant
+from runtime.quant import matmuls as qmm
+rng = np.random.default_rng(3)
+names = set()
+for t in (quant.GGML_Q4_0, quant.GGML_Q4_1):
+    k = quant.kernels(t).fused
+    k.compile(quant.SIG_FUSED)
+    names.add(k.overloads[quant.SIG_FUSED.args].fndesc.llvm_cfunc_wrapper_name)
+for t in (quant.GGML_Q4_0, quant.GGML_Q4_1):
+    bs = 18 if t == quant.GGML_Q4_0 else 20
+    raw = rng.integers(0, 256, (8, 4 * bs), dtype=np.uint8)
+    for r in range(8):
+        for b in range(4):
+            raw[r, b * bs:b * bs + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            if bs == 20:
+                raw[r, b * bs + 2:b * bs + 4] = np.frombuffer(np.float16(-0.05).tobytes(), np.uint8)
+    W = qmm._as_u8_readonly(raw, 2)
+    X = rng.standard_normal((1, 128)).astype(np.float32)
+    want = X.astype(np.float64) @ quant.dequantize(W, t, (8, 128)).astype(np.float64).T
+    out = np.empty((1, 8), np.float32)
+    k = np.array(quant.kernel_addresses(t), np.int64)
+    qmm.matmul_at(t, k, W, X, out)  # through the address, as the engine calls it
+    assert np.abs(out - want).max() < 1e-4 * np.abs(want).max(), (t, out, want)
+print(len(names))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "2"

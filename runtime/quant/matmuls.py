@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 
 from .formats import (
     GGML_BF16, GGML_F16, GGML_F32, GGML_IQ4_NL, GGML_IQ4_XS, GGML_Q2_K, GGML_Q3_K, GGML_Q4_0, GGML_Q4_1,
-    GGML_Q4_K, GGML_Q5_0, GGML_Q5_1, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0, _FM, _traits,
+    GGML_Q4_K, GGML_Q5_0, GGML_Q5_1, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0, _FM, _traits, type_name,
 )
 from .ir import (
     Q8_MAX_ROWS, _I32, _I64, _c64, _f16, _ir_data, _ir_splat, _ir_vload, _ir_vstore, _target_has, _vc,
@@ -738,23 +738,30 @@ def kernels(type_id: int) -> Kernels:
     T = int(type_id)
     _traits(T)
 
-    @njit(parallel=True, cache=True)
+    def jit(f, **options):
+        # One name per format.  numba names a compiled function after its qualified
+        # name and a per-process counter (fusedB2v1...), and a cached one keeps the
+        # name it was compiled under: two formats' kernels compiled first in two
+        # processes (one helper each, a model each) got the same symbol, and a
+        # process that loaded both from the cache called one format's code for the
+        # other (the first definition of a symbol wins).
+        f.__qualname__ = f"{f.__qualname__}_{type_name(T).lower()}"
+        return njit(parallel=True, cache=True, **options)(f)
+
     def dequantize(type_id, src, n_blocks, dst):
         _dequantize_body(T, src, n_blocks, dst)
 
-    @njit(parallel=True, cache=True)
     def fused(type_id, W, X, out, act_q8):
         _fused_body(T, W, X, out, act_q8)
 
-    @njit(parallel=True, cache=True)
     def chunked(type_id, W, X, out):
         _chunked_body(T, W, X, out)
 
-    @njit(parallel=True, cache=True, fastmath=_FM)
     def i16(type_id, W, xq, xd, xs, out):
         _i16_body(T, W, xq, xd, xs, out)
 
-    return Kernels(dequantize, fused, chunked, i16 if T in _I16_TYPES else None)
+    return Kernels(jit(dequantize), jit(fused), jit(chunked),
+                   jit(i16, fastmath=_FM) if T in _I16_TYPES else None)
 
 
 _W2 = types.Array(types.uint8, 2, "C", readonly=True)  # weight rows in the mapped file
