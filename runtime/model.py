@@ -390,6 +390,7 @@ class Model:
 
         self._weights = Weights(blob=gguf.blob(), mats=mats, **{k: stack(v) for k, v in rows.items()})
         self._linked = False
+        self._linked_exact = False  # the float chunked kernels' addresses too
         # Sliding-window layers (arch.HParams.swa_layers) rotate with their own base
         # (Gemma 3: 10000 and no RoPE scaling, llama.cpp's rope_freq_*_train_swa) and
         # keep their cache in KVCache.k_swa; the others in KVCache.k, in layer order.
@@ -484,10 +485,17 @@ class Model:
         """Whether the matrices' kernel addresses are filled in (weights was used)."""
         return self._linked
 
-    def linked_weights(self, compile_entry=None) -> Weights:
+    def linked_weights(self, compile_entry=None, exact: bool = True) -> Weights:
         """weights; on first use, with compile_entry(unlinked weights) compiling the
         forward entry about to run while another process compiles the formats'
-        kernels (when numba's cache has neither: a fresh install)."""
+        kernels (when numba's cache has neither: a fresh install).  exact False:
+        the integer-activation path's kernels only (the float chunked kernels,
+        which only float32 activations take, are linked on the first exact use)."""
+        if self._linked and exact and not self._linked_exact:
+            mats = self._weights.mats
+            for t in np.unique(mats[:, :, 3]):
+                mats[mats[:, :, 3] == t, KERNELS:] = quant.kernel_addresses(int(t))
+            self._linked_exact = True
         if not self._linked:
             mats = self._weights.mats
             types_ = [int(t) for t in np.unique(mats[:, :, 3])]
@@ -504,8 +512,8 @@ class Model:
                 quant.compile_kernels(todo, deq, reverse=True)  # what the helper has not reached yet
                 helper.wait()
             for t in types_:  # the output's too (Python calls it): compiled by the helper, loaded here
-                mats[mats[:, :, 3] == t, KERNELS:] = quant.kernel_addresses(t)
-            self._linked = True
+                mats[mats[:, :, 3] == t, KERNELS:] = quant.kernel_addresses(t, chunked=exact)
+            self._linked, self._linked_exact = True, exact
         return self._weights
 
     def session(self, n_ctx: int | None = None, swa_full: bool = False, precision: str | None = None) -> "Session":
@@ -725,12 +733,12 @@ class Session:
             m.check_ids(ids)  # (embed_tokens checks them too: a bad id fails before a long compile)
             args = (np.zeros((1, a.d_model), np.float32), np.zeros(1, np.int64), self.n_past, _WEIGHTS, m.config,
                     self.kv, m.inv_freq, cap_all, cap_index, exact)
-            m.linked_weights(lambda w: _compile_for(forward_layers, args, w))
+            m.linked_weights(lambda w: _compile_for(forward_layers, args, w), exact is not None)
         x_all = m.embed_tokens(ids)
         for s in range(0, n, step):
             x = np.ascontiguousarray(x_all[s:s + step])
             pos = np.arange(self.n_past, self.n_past + x.shape[0], dtype=np.int64)
-            forward_layers(x, pos, self.n_past, m.weights, m.config, self.kv, m.inv_freq, cap_all, cap_index,
+            forward_layers(x, pos, self.n_past, m.linked_weights(exact=exact is not None), m.config, self.kv, m.inv_freq, cap_all, cap_index,
                            exact)
             self.n_past += x.shape[0]
             self._written = max(self._written, self.n_past)
@@ -816,7 +824,8 @@ class SessionPool:
             b = min(a + step, len(sessions))
             x = np.ascontiguousarray(m.embed_tokens(ids[a:b]))
             pos = np.array([sessions[j].n_past for j in range(a, b)], np.int64)
-            forward_rows(x, pos, np.array(slots[a:b], np.int64), m.weights, m.config, self.kv, m.inv_freq)
+            forward_rows(x, pos, np.array(slots[a:b], np.int64), m.linked_weights(exact=False), m.config,
+                         self.kv, m.inv_freq)
             out[a:b] = m.project_out(x)
             for j in range(a, b):
                 s = sessions[j]

@@ -180,3 +180,30 @@ print(len(names))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == "2"
+
+
+def test_fast_precision_links_without_the_chunked_kernels():
+    """The integer path takes int16 tiles above the int8 decode rows, so a fast model
+    links no float chunked kernel where its format has tiles (a fresh install then
+    compiles none); the first float32-activation use links them.  A 24-token prompt
+    (the tiles now, the chunked kernel before) gives the exact path's logits to
+    within integer activations' rounding."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _oracle import synthetic_model
+
+    from runtime import quant
+    from runtime.model import KERNELS, Model
+
+    m = Model.load(synthetic_model("llama", 2, False, "Q8_0"), n_ctx=64)
+    ids = list(range(3, 3 + 24))
+    assert quant.Q8_MAX_ROWS < len(ids) and quant.I16_MIN_N <= len(ids)
+    got = m.session(precision="fast").eval(ids, all_logits=True)
+    mats = m.linked_weights(exact=False).mats
+    assert (mats[:, :, KERNELS + quant.KERNEL_CHUNKED] == 0).all()
+    assert (mats[:, :, KERNELS + quant.KERNEL_I16] != 0).all()
+    want = m.session(precision="exact").eval(ids, all_logits=True)
+    assert (m.linked_weights(exact=False).mats[:, :, KERNELS + quant.KERNEL_CHUNKED] != 0).all()
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()

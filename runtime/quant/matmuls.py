@@ -409,13 +409,18 @@ def _chunked_body(type_id, W, X, out):
 # ---------------------------------------------------------------------------
 
 _I16_ROWS = 16  # weight rows per tile (lanes of one int32 vector)
-# Batches this large or larger take the int16 tiles.  Decoding a weight into the
-# interleaved int16 tile costs more than the float decode, which pays off only
-# when enough rows share it.  Single matmuls cross over at 16-32 rows (2 threads,
-# us, int16 vs float: Q4_K 1536 x 512 at n = 16 142 vs 107, n = 24 163 vs 156,
-# n = 32 184 vs 224); whole prefills of the Q4_K_M bench model at 32 (pp24 float
-# 1099 vs int16 938 t/s, pp32 int16 1080 vs float 1022).
-I16_MIN_N = 32
+# Batches larger than the int8 decode path's take the int16 tiles.  Decoding a
+# weight into the interleaved int16 tile costs more than the float decode, which
+# pays off only when enough rows share it: on SmolLM2's small matrices the two
+# crossed at 16-32 rows (2 threads, us, int16 vs float: Q4_K 1536 x 512 at n = 16
+# 142 vs 107, n = 24 163 vs 156, n = 32 184 vs 224), on the 0.5B-3B models users
+# run the tiles win from 17 rows on (Qwen2.5-1.5B shapes, ms, int16 vs float: Q4_K
+# 8960 x 1536 n = 17 3.89 vs 3.85, n = 24 3.93 vs 5.25; Q6_K 1536 x 8960 n = 17
+# 4.57 vs 5.69, n = 31 5.10 vs 9.00).  So the integer path never takes the float
+# chunked kernel where a format has tiles, and a fast-precision model neither
+# compiles nor loads it (kernel_addresses): a quarter of a fresh install's
+# kernel compile time.
+I16_MIN_N = Q8_MAX_ROWS + 1
 # Activation rows per tile: each holds a 16-lane int32 accumulator, one register
 # with AVX-512; AVX2's sixteen 256-bit registers fit six such rows beside the
 # weight pair and the broadcast (eight spilled to the stack: 79 instructions per
@@ -782,12 +787,15 @@ def _address(kernel, sig) -> int:
 
 
 @functools.cache
-def kernel_addresses(type_id: int) -> tuple[int, int, int]:
+def kernel_addresses(type_id: int, chunked: bool = True) -> tuple[int, int, int]:
     """(fused, chunked, i16) entry addresses of one format's kernels, compiling them
     (or loading them from numba's cache) on first use; i16 is 0 for a format
-    without int16 tiles.  The kernels stay alive in kernels()'s cache."""
+    without int16 tiles.  chunked False: 0 in its place where the format has
+    tiles (integer activations never take it then; float32 ones, precision
+    "exact" and inspection, do).  The kernels stay alive in kernels()'s cache."""
     k = kernels(type_id)
-    return (_address(k.fused, SIG_FUSED), _address(k.chunked, SIG_CHUNKED),
+    return (_address(k.fused, SIG_FUSED),
+            _address(k.chunked, SIG_CHUNKED) if chunked or k.i16 is None else 0,
             _address(k.i16, SIG_I16) if k.i16 is not None else 0)
 
 
@@ -801,11 +809,12 @@ def _cached(kernel, sig) -> bool:
 
 
 def _jobs(type_ids):
-    """(kernel, signature) of every kernel kernel_addresses compiles for these formats."""
+    """(kernel, signature) of every kernel kernel_addresses(t, chunked=False)
+    compiles for these formats (what a fast-precision model links)."""
     out = []
     for t in sorted({int(t) for t in type_ids}):
         k = kernels(t)
-        out += [(k.fused, SIG_FUSED), (k.chunked, SIG_CHUNKED)] + ([(k.i16, SIG_I16)] if k.i16 else [])
+        out += [(k.fused, SIG_FUSED)] + ([(k.i16, SIG_I16)] if k.i16 else [(k.chunked, SIG_CHUNKED)])
     return out
 
 
