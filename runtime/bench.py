@@ -283,8 +283,7 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     from .threads import default_threads, set_threads
 
     _check_args(n_prompt, n_gen, reps)
-    if vs_llamacpp:
-        _import_llama_cpp()  # fail before any timing
+    llama_cpp = _import_llama_cpp() if vs_llamacpp else None  # fail before any timing
     threads = set_threads(threads or default_threads())
     path = Path(path)
     say = progress or (lambda msg: None)
@@ -299,12 +298,10 @@ def bench(path, n_prompt=512, n_gen=128, threads=None, reps=3, vs_llamacpp=False
     say(f"ours: {path.name}, {threads} threads" + (", precision exact" if precision == "exact" else ""))
     engines = [_engine("ours", path, n_prompt, n_gen, threads, precision)]
     if vs_llamacpp:
-        from . import llamacpp
-        from .llamacpp import mitigation
+        from .llamacpp import _system_info, mitigation
 
         m = mitigation()
-        llama_cpp = _import_llama_cpp()
-        info = llamacpp._system_info(llama_cpp).strip()
+        info = _system_info(llama_cpp).strip()
         doc["llamacpp"] = {"version": getattr(llama_cpp, "__version__", None), "system_info": info,
                            "features": ggml_features(info)}
         doc["llamacpp_mitigation"] = {"active": m.active, "cpu_amx": m.cpu_amx, "build_amx": m.build_amx,
